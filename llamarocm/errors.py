@@ -1,0 +1,114 @@
+"""Every exception llamarocm raises, in one place.
+
+The tree::
+
+    LlamaRocmError                      base of everything raised on purpose
+    ├── ServerNotFoundError             no llama-server binary where we looked
+    ├── ServerStartError                the server did not become ready: it exited,
+    │                                   timed out, crashed on an unsupported CPU
+    │                                   (SIGILL) or kept losing its port; carries
+    │                                   ``stderr_tail``
+    ├── ServerCrashedError              the server died after it was ready
+    ├── RequestError                    the server refused or broke one request;
+    │   │                               carries ``status`` and the server's message
+    │   ├── StreamTimeoutError          (also a TimeoutError) no data for too long
+    │   └── ContextLengthError          (also a ValueError) prompt + output exceed
+    │                                   the slot's context
+    ├── GGUFError                       (also a ValueError) not a readable GGUF file
+    ├── ModelNotFoundError              (also a FileNotFoundError) no such model file
+    ├── DeviceError                     no usable GPU, or the model does not fit
+    └── OutputParseError                (also a ValueError) output is not what was asked
+
+The builtin mix-ins mean callers who know nothing of llamarocm can still write
+``except ValueError`` or ``except TimeoutError``. Wrong argument types and values are
+plain ``TypeError`` / ``ValueError`` raised before any work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = [
+    "LlamaRocmError",
+    "ServerNotFoundError",
+    "ServerStartError",
+    "ServerCrashedError",
+    "RequestError",
+    "StreamTimeoutError",
+    "ContextLengthError",
+    "GGUFError",
+    "ModelNotFoundError",
+    "DeviceError",
+    "OutputParseError",
+]
+
+
+class LlamaRocmError(Exception):
+    """Base class of every error llamarocm raises on purpose."""
+
+
+class ServerNotFoundError(LlamaRocmError):
+    """No runnable ``llama-server`` binary was found.
+
+    ``searched`` lists every place that was looked at, in order.
+    """
+
+    def __init__(self, message: str, searched: "tuple[str, ...]" = ()) -> None:
+        super().__init__(message)
+        self.searched = tuple(searched)
+
+
+class _WithStderr(LlamaRocmError):
+    """An error about the server process, quoting the end of its log."""
+
+    def __init__(self, message: str, stderr_tail: str = "", returncode: Optional[int] = None) -> None:
+        self.stderr_tail = stderr_tail
+        self.returncode = returncode
+        if stderr_tail:
+            message = f"{message}\n--- llama-server stderr (last lines) ---\n{stderr_tail.rstrip()}"
+        super().__init__(message)
+
+
+class ServerStartError(_WithStderr):
+    """The server process exited, hung or could not bind before it became ready."""
+
+
+class ServerCrashedError(_WithStderr):
+    """The server process died after it had become ready."""
+
+
+class RequestError(LlamaRocmError):
+    """The server rejected a request or broke it off.
+
+    ``status`` is the HTTP status (``None`` for a broken connection or an error event
+    inside a stream); ``server_message`` is the server's own words.
+    """
+
+    def __init__(self, message: str, status: Optional[int] = None, server_message: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.server_message = server_message
+
+
+class StreamTimeoutError(RequestError, TimeoutError):
+    """No data arrived from the server for longer than the stream's ``timeout``."""
+
+
+class ContextLengthError(RequestError, ValueError):
+    """The prompt (plus the requested output) does not fit in a slot's context."""
+
+
+class GGUFError(LlamaRocmError, ValueError):
+    """The file is not a GGUF file this library can read (corrupt, truncated, v1...)."""
+
+
+class ModelNotFoundError(LlamaRocmError, FileNotFoundError):
+    """The model file does not exist."""
+
+
+class DeviceError(LlamaRocmError):
+    """No usable GPU, or the model does not fit on the chosen devices (``strict=True``)."""
+
+
+class OutputParseError(LlamaRocmError, ValueError):
+    """The generated text is not in the requested format (e.g. ``stream.json()``)."""
