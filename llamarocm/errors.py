@@ -112,3 +112,31 @@ class DeviceError(LlamaRocmError):
 
 class OutputParseError(LlamaRocmError, ValueError):
     """The generated text is not in the requested format (e.g. ``stream.json()``)."""
+
+
+def error_from_response(status: int, body: str) -> RequestError:
+    """The typed error for an HTTP error response from llama-server.
+
+    llama-server answers ``{"error": {"code", "message", "type"}}``; a context
+    overflow has type ``exceed_context_size_error``.
+    """
+    import json
+
+    message, kind = body.strip()[:2000], ""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        err = payload.get("error", payload)
+        if isinstance(err, dict):
+            message = str(err.get("message", message))
+            kind = str(err.get("type", ""))
+        elif isinstance(err, str):
+            message = err
+    text = f"llama-server answered HTTP {status}: {message or '(no message)'}"
+    if kind == "exceed_context_size_error" or "context size" in message or "context length" in message:
+        return ContextLengthError(text, status, message)
+    if status == 401:
+        text += " (the API key was refused)"
+    return RequestError(text, status, message)

@@ -1,0 +1,62 @@
+"""Run GGUF language models on AMD GPUs through llama.cpp's ``llama-server``.
+
+>>> import llamarocm
+>>> with llamarocm.load_model("gemma.gguf") as model:  # doctest: +SKIP
+...     for token in model.generate("Once upon a time", max_tokens=32):
+...         print(token.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .backend import load_model
+from .config import GenerateConfig, LoadConfig
+from .errors import (
+    ContextLengthError,
+    DeviceError,
+    GGUFError,
+    LlamaRocmError,
+    ModelNotFoundError,
+    OutputParseError,
+    RequestError,
+    ServerCrashedError,
+    ServerNotFoundError,
+    ServerStartError,
+    StreamTimeoutError,
+)
+from .gguf import GGUFMetadata, ModelInfo, discover_models, read_metadata
+from .model import GenerateMetrics, Model, Token, TokenStream
+from .server import Server
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "load_model",
+    "Model",
+    "TokenStream",
+    "Token",
+    "GenerateMetrics",
+    "Server",
+    "GenerateConfig",
+    "LoadConfig",
+    "read_metadata",
+    "discover_models",
+    "GGUFMetadata",
+    "ModelInfo",
+    "LlamaRocmError",
+    "ServerNotFoundError",
+    "ServerStartError",
+    "ServerCrashedError",
+    "RequestError",
+    "StreamTimeoutError",
+    "ContextLengthError",
+    "GGUFError",
+    "ModelNotFoundError",
+    "DeviceError",
+    "OutputParseError",
+]
+
+# A library never configures logging; this only keeps "no handler" warnings away.
+logging.getLogger("llamarocm").addHandler(logging.NullHandler())

@@ -1,0 +1,246 @@
+"""A child process that cannot outlive us and whose output is always drained.
+
+Shared by every long-running llama.cpp program the library starts. The layers of
+protection against orphans:
+
+* the child leads its own session and process group (``start_new_session=True``), so
+  a stop signal reaches anything it forks and a Ctrl-C in our terminal does not reach it
+  behind our back;
+* the Linux parent-death signal (``PR_SET_PDEATHSIG``) kills it if this process dies,
+  even by SIGKILL. The kernel ties that signal to the *thread* that forked the child,
+  so every child is forked by one spawner thread that lives as long as the process;
+  the signal is set between fork and exec by ``setpriv`` or, where it is missing, by a
+  tiny Python shim (no ``preexec_fn``, which is unsafe with threads);
+* ``stop()``: SIGTERM to the group, wait, SIGKILL, reap; idempotent and thread-safe;
+* ``weakref.finalize`` stops it at interpreter exit or when the owner is collected.
+
+The child's stdout and stderr share one pipe that a reader thread drains into a
+bounded ring buffer: an undrained pipe would block the child once it fills.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from typing import Deque, Dict, List, Optional, Sequence
+
+__all__ = ["ManagedProcess"]
+
+log = logging.getLogger("llamarocm")
+
+STOP_GRACE_SECONDS = 5.0
+
+# Runs between fork and exec in place of preexec_fn when setpriv is not installed.
+# It re-checks the parent after arming the signal: had the parent died already, the
+# signal would never come.
+_PDEATHSIG_SHIM = (
+    "import ctypes,os,sys\n"
+    "libc=ctypes.CDLL(None,use_errno=True)\n"
+    "libc.prctl(1,9,0,0,0)\n"
+    "os.getppid()!=int(sys.argv[1]) and os._exit(70)\n"
+    "os.execv(sys.argv[2],sys.argv[2:])\n"
+)
+
+
+def _pdeathsig_prefix() -> List[str]:
+    if not sys.platform.startswith("linux"):
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "KILL", "--"]
+    return [sys.executable, "-S", "-E", "-c", _PDEATHSIG_SHIM, str(os.getpid())]
+
+
+class _Spawner:
+    """One long-lived thread that forks every child (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: "Optional[queue.SimpleQueue]" = None
+        self._owner_pid = -1
+
+    def spawn(self, argv: Sequence[str], env: Dict[str, str]) -> subprocess.Popen:
+        with self._lock:
+            # A forked child inherits our state but not our threads: start anew there.
+            if self._requests is None or self._owner_pid != os.getpid():
+                self._requests = queue.SimpleQueue()
+                self._owner_pid = os.getpid()
+                # Daemon: it must not keep the interpreter alive; its exit at process
+                # exit is exactly when the children should die.
+                threading.Thread(
+                    target=self._serve, args=(self._requests,), name="llamarocm-spawner", daemon=True
+                ).start()
+            requests = self._requests
+        done: "queue.SimpleQueue" = queue.SimpleQueue()
+        requests.put((list(argv), env, done))
+        ok, value = done.get()
+        if ok:
+            return value
+        raise value
+
+    @staticmethod
+    def _serve(requests: "queue.SimpleQueue") -> None:
+        while True:
+            argv, env, done = requests.get()
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except BaseException as exc:  # handed to the caller, who raises it
+                done.put((False, exc))
+            else:
+                done.put((True, proc))
+
+
+_spawner = _Spawner()
+
+
+def _stop(proc: subprocess.Popen, owner_pid: int, grace: float) -> Optional[int]:
+    """TERM the group, wait ``grace`` seconds, KILL, reap. Safe to call repeatedly."""
+    if os.getpid() != owner_pid:
+        # A forked copy of the owner must never stop (or reap) the parent's child.
+        return None
+    if proc.poll() is not None:
+        return proc.returncode
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # the group is gone and its id reused: signal the child only
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+        try:
+            return proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    log.error("process %d did not exit after SIGKILL", proc.pid)
+    return proc.poll()
+
+
+class _Output:
+    """The child's recent output lines; shared with the drain thread, which must not
+    hold the ManagedProcess itself (that would keep it from ever being collected)."""
+
+    def __init__(self, max_lines: int) -> None:
+        self.lines: Deque[str] = collections.deque(maxlen=max_lines)
+        self.count = 0
+        self.ended = False
+        self.changed = threading.Condition()
+
+    def drain(self, pipe) -> None:
+        try:
+            for raw in iter(pipe.readline, b""):
+                line = raw.decode("utf-8", "replace")
+                with self.changed:
+                    self.lines.append(line)
+                    self.count += 1
+                    self.changed.notify_all()
+        except (OSError, ValueError):
+            pass  # pipe closed under us by stop()
+        finally:
+            with self.changed:
+                self.ended = True
+                self.changed.notify_all()
+
+
+class ManagedProcess:
+    """Start ``argv`` with ``env`` as a protected, drained child.
+
+    ``redact`` strings are replaced by ``***`` in everything :meth:`output_tail`
+    returns, so a secret in the environment never reaches an error message.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Dict[str, str],
+        *,
+        name: str = "child",
+        max_lines: int = 400,
+        redact: Sequence[str] = (),
+    ) -> None:
+        self.name = name
+        self._output = _Output(max_lines)
+        self._redact = [s for s in redact if s]
+        self._stop_lock = threading.Lock()
+        self._owner_pid = os.getpid()
+        self._proc = _spawner.spawn(list(_pdeathsig_prefix()) + list(argv), env)
+        self._finalizer = weakref.finalize(self, _stop, self._proc, self._owner_pid, STOP_GRACE_SECONDS)
+        self._drainer = threading.Thread(
+            target=self._output.drain, args=(self._proc.stdout,), name=f"llamarocm-{name}-output", daemon=True
+        )
+        self._drainer.start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self._proc.poll()
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Wait up to ``timeout`` seconds for the child to exit; its code, or None."""
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> Optional[int]:
+        """Stop the child (TERM, wait ``grace`` s, KILL, reap) and return its exit code."""
+        with self._stop_lock:
+            code = _stop(self._proc, self._owner_pid, grace)
+            if os.getpid() == self._owner_pid:
+                self._finalizer.detach()
+                self._drainer.join(timeout=1.0)
+                if self._proc.stdout is not None:
+                    self._proc.stdout.close()
+            return code
+
+    def output_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines the child printed, secrets redacted."""
+        with self._output.changed:
+            tail = list(self._output.lines)[-lines:]
+        text = "".join(tail)
+        for secret in self._redact:
+            text = text.replace(secret, "***")
+        return text
+
+    @property
+    def line_count(self) -> int:
+        with self._output.changed:
+            return self._output.count
+
+    def wait_output(self, seen: int, timeout: float) -> int:
+        """Block until more than ``seen`` lines were printed, the output ends, or
+        ``timeout`` passes; return the line count."""
+        out = self._output
+        deadline = time.monotonic() + timeout
+        with out.changed:
+            while out.count <= seen and not out.ended:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                out.changed.wait(remaining)
+            return out.count

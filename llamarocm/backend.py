@@ -1,0 +1,119 @@
+"""``load_model()``: validate the file, read its header, size the context, start the
+server, and hand back a :class:`~llamarocm.Model`.
+
+Every check that can fail without a process happens before one is spawned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence, Union
+
+from .config import LoadConfig
+from .errors import GGUFError, ModelNotFoundError
+from .gguf import ModelInfo, read_metadata
+from .model import Model
+from .server import ProgressCallback, Server
+
+__all__ = ["load_model", "DEFAULT_CONTEXT_CAP"]
+
+log = logging.getLogger("llamarocm")
+
+#: Without an explicit ``context_length``, each slot gets the model's trained
+#: context, capped here: a 128k context would cost gigabytes of KV cache by default.
+DEFAULT_CONTEXT_CAP = 4096
+
+
+def load_model(
+    path: Union[str, "os.PathLike[str]"],
+    *,
+    context_length: Optional[int] = None,
+    gpu_layers: Union[None, int, str] = None,
+    parallel: int = 1,
+    threads: Optional[int] = None,
+    devices: Optional[Sequence[int]] = None,
+    server_path: Optional[Union[str, "os.PathLike[str]"]] = None,
+    startup_timeout: float = LoadConfig.startup_timeout,
+    extra_args: Sequence[str] = (),
+    progress: Optional[ProgressCallback] = None,
+) -> Model:
+    """Start ``llama-server`` on the GGUF file at ``path`` and return the loaded model.
+
+    ``context_length`` is per slot (default: the model's own, at most 4096);
+    ``parallel`` is how many requests run at once, each with the full context
+    (the server is started with ``-c context_length * parallel``).
+    ``gpu_layers``: ``None`` lets the server fit layers to memory, ``"all"`` or an int.
+    ``startup_timeout`` is the longest the load may go without progress.
+
+    >>> import llamarocm
+    >>> with llamarocm.load_model("gemma.gguf", parallel=2) as model:  # doctest: +SKIP
+    ...     for token in model.generate("Once upon a time", max_tokens=16):
+    ...         print(token.text, end="", flush=True)
+    """
+    cfg = LoadConfig(
+        path,
+        context_length=context_length,
+        gpu_layers=gpu_layers,
+        parallel=parallel,
+        threads=threads,
+        devices=tuple(devices) if devices is not None and not isinstance(devices, (str, bytes)) else devices,
+        server_path=server_path,
+        startup_timeout=startup_timeout,
+        extra_args=tuple(extra_args) if not isinstance(extra_args, str) else extra_args,
+    )
+    if progress is not None and not callable(progress):
+        raise TypeError("progress must be callable(fraction, message)")
+    model_path = os.path.abspath(cfg.model_path)
+    if not os.path.exists(model_path):
+        raise ModelNotFoundError(f"model file not found: {model_path}")
+    if not os.path.isfile(model_path):
+        raise ModelNotFoundError(f"model path is not a file: {model_path}")
+    metadata = read_metadata(model_path)
+    info = ModelInfo.from_metadata(metadata)
+    ctx = _context_length(cfg.context_length, metadata.context_length)
+    server = Server(
+        model_path,
+        _server_args(cfg, ctx),
+        server_path=cfg.server_path,
+        devices=cfg.devices,
+        startup_timeout=cfg.startup_timeout,
+        progress=progress,
+    )
+    assert server.client is not None
+    return Model(server.client, server, info, context_length=ctx, parallel=cfg.parallel)
+
+
+def _context_length(requested: Optional[int], trained: Optional[int]) -> int:
+    if requested is None:
+        if trained is None:
+            return DEFAULT_CONTEXT_CAP
+        if not isinstance(trained, int) or trained < 1:
+            raise GGUFError(f"GGUF file declares an invalid context length: {trained!r}")
+        return min(trained, DEFAULT_CONTEXT_CAP)
+    if trained is not None and requested > trained:
+        log.warning(
+            "context_length %d exceeds the model's trained context %d; quality may degrade",
+            requested,
+            trained,
+        )
+    return requested
+
+
+def _server_args(cfg: LoadConfig, ctx: int) -> "list[str]":
+    # -c is the total KV cache the server divides between its slots; passing both it
+    # and --parallel (and a split cache) keeps the server's own defaults (automatic
+    # slot count, unified cache) from sizing the slots differently.
+    args = ["-c", str(ctx * cfg.parallel), "--parallel", str(cfg.parallel), "--no-kv-unified"]
+    if cfg.gpu_layers == "all":
+        args += ["-ngl", "all"]
+    elif cfg.gpu_layers is None:
+        args += ["-ngl", "auto"]
+    else:
+        args += ["-ngl", str(cfg.gpu_layers)]
+    if cfg.threads is not None:
+        args += ["--threads", str(cfg.threads)]
+    args.extend(cfg.extra_args)
+    return args
+
+

@@ -1,0 +1,160 @@
+"""The ``llamarocm`` command: a thin layer over the public API.
+
+Exit codes: 0 ok, 1 runtime error (message on stderr; traceback only with
+``--debug``), 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from typing import List, Optional
+
+import llamarocm
+
+from ._binaries import SOURCE_BUILD_REQUIREMENT, find_binary
+from ._default_model import default_model_path
+
+EXAMPLES = {
+    "generate": 'llamarocm generate "Once upon a time" --max-tokens 64',
+    "setup": "llamarocm setup",
+}
+
+# llama.cpp's own build runs one compiler per core with no limit unless told;
+# each takes up to ~1 GB, so the source build is capped.
+_BUILD_JOBS_CAP = 4
+_SOURCE_BUILD_CMAKE_ARGS = (
+    "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF "
+    "-DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF -DGGML_RPC=ON"
+)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _model_path(given: Optional[str]) -> str:
+    return given if given else default_model_path(notify=_stderr)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    path = _model_path(args.model)
+    with llamarocm.load_model(path, server_path=args.server, context_length=args.context_length) as model:
+        options = {"max_tokens": args.max_tokens}
+        if args.temperature is not None:
+            options["temperature"] = args.temperature
+        if args.seed is not None:
+            options["seed"] = args.seed
+        with model.generate(args.prompt, **options) as stream:
+            for token in stream:
+                sys.stdout.write(token.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        metrics = stream.metrics
+        if args.verbose and metrics is not None:
+            _stderr(
+                f"[{metrics.generated_tokens} tokens, first after {metrics.time_to_first_token or 0:.3f} s, "
+                f"{metrics.decode_tokens_per_second or 0:.1f} tok/s, finish: {stream.finish_reason}]"
+            )
+    return 0
+
+
+def _server_works(server_path: Optional[str]) -> "tuple[bool, str]":
+    """Start the found server on the embedded model once: does it run on this CPU?"""
+    try:
+        binary = find_binary("server", server_path)
+        model = default_model_path(notify=_stderr)
+        with llamarocm.Server(model, ["-c", "256", "--parallel", "1"], server_path=binary.path):
+            return True, f"{binary.path} ({binary.source}) runs on this machine"
+    except llamarocm.LlamaRocmError as exc:
+        return False, str(exc)
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    ok, message = _server_works(args.server)
+    _stderr(message)
+    if ok:
+        return 0
+    if args.check or "SIGILL" not in message:
+        return 1
+    jobs = str(min(os.cpu_count() or 1, _BUILD_JOBS_CAP))
+    _stderr(
+        f"building llama-server from source for this CPU ({SOURCE_BUILD_REQUIREMENT}, {jobs} jobs); "
+        "this takes a while once, pip caches the result..."
+    )
+    env = dict(os.environ)
+    env.setdefault("LLAMA_CPP_BUILD_JOBS", jobs)
+    env.setdefault("CMAKE_ARGS", _SOURCE_BUILD_CMAKE_ARGS)
+    pip = [sys.executable, "-m", "pip", "install", SOURCE_BUILD_REQUIREMENT]
+    if subprocess.call(pip, env=env) != 0:
+        _stderr("the source build failed; see pip's output above")
+        return 1
+    ok, message = _server_works(args.server)
+    _stderr(message)
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llamarocm",
+        description="Run GGUF models through llama.cpp's llama-server.",
+        epilog="Examples:\n  " + "\n  ".join(EXAMPLES.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llamarocm {llamarocm.__version__}")
+    parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"Example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--server", metavar="PATH", help="llama-server binary (default: searched)")
+        return p
+
+    gen = add("generate", "Stream a completion of PROMPT to stdout.")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", metavar="PATH", help="GGUF file (default: the embedded Gemma 3 270M)")
+    gen.add_argument("--max-tokens", type=int, default=64, metavar="N")
+    gen.add_argument("--temperature", type=float, metavar="T")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--context-length", type=int, metavar="N")
+    gen.add_argument("-v", "--verbose", action="store_true", help="print metrics on stderr")
+    gen.set_defaults(func=cmd_generate)
+
+    setup = add(
+        "setup",
+        "Check that llama-server runs on this machine; if the prebuilt build cannot "
+        "(SIGILL on this CPU), build one from source with pip.",
+    )
+    setup.add_argument("--check", action="store_true", help="only check, never build")
+    setup.set_defaults(func=cmd_setup)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="llamarocm: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _stderr("interrupted")
+        return 130
+    except (llamarocm.LlamaRocmError, ValueError, TypeError, OSError) as exc:
+        if args.debug:
+            raise
+        _stderr(f"error: {exc}")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

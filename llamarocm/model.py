@@ -1,0 +1,509 @@
+"""The inference API: ``Model``, ``TokenStream``, ``Token`` and ``GenerateMetrics``.
+
+Each stream has one reader thread that reads the server's events and puts lists of
+tokens (one list per network read, so a burst costs one queue hand-off) on a
+``queue.Queue``; the consuming iterator takes them off and re-raises the reader's
+error at the end, in the manner of ``concurrent.futures``. The reader thread never
+holds the ``TokenStream`` itself, so dropping a stream lets it be collected, which
+cancels the request.
+
+Thread safety: a ``Model`` may be shared by any number of threads, each running its
+own streams. A ``TokenStream`` has one consumer; its ``close()`` may be called from
+any thread (a watchdog, a signal handler's thread).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
+
+from .client import Client, ConnectionLost, EventStream
+from .config import GenerateConfig
+from .errors import LlamaRocmError, RequestError, ServerCrashedError
+
+__all__ = ["Model", "TokenStream", "Token", "GenerateMetrics"]
+
+log = logging.getLogger("llamarocm")
+
+_END = object()
+# How long the consumer blocks on the queue between checks that the reader lives.
+# The reader always ends with a sentinel, so this only bounds a bug, never a wait.
+_CONSUMER_CHECK_INTERVAL = 1.0
+# A dead server's socket closes a moment before the process is reaped.
+_CRASH_CONFIRM_SECONDS = 1.0
+
+
+class Token(NamedTuple):
+    """One generated token: its text and, where the server reports it, its id.
+
+    ``id`` is ``None`` for ``chat()`` streams (the OpenAI-style stream carries no ids).
+    A token that ends inside a multi-byte character has empty ``text``; the
+    character arrives whole with the next token.
+    """
+
+    text: str
+    id: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class GenerateMetrics:
+    """Figures for one finished stream.
+
+    ``prompt_tokens`` counts cached plus newly evaluated prompt tokens;
+    ``generated_tokens`` the tokens the stream yielded. Durations are seconds,
+    measured by the client from the call; rates are the server's own timings.
+    """
+
+    prompt_tokens: Optional[int]
+    generated_tokens: int
+    time_to_first_token: Optional[float]
+    total_duration: float
+    prefill_tokens_per_second: Optional[float]
+    decode_tokens_per_second: Optional[float]
+
+
+class _StreamState:
+    """Everything the reader thread and the consumer share (never the stream itself)."""
+
+    def __init__(self) -> None:
+        self.queue: "queue.Queue[Any]" = queue.Queue()
+        self.lock = threading.Lock()
+        self.cancel_requested = False
+        self.events: Optional[EventStream] = None
+        self.error: Optional[BaseException] = None
+        self.finish_reason: Optional[str] = None
+        self.final: Dict[str, Any] = {}
+        self.started = time.monotonic()
+        self.first_token_at: Optional[float] = None
+        self.ended_at: Optional[float] = None
+        self.generated = 0
+        self.done = threading.Event()
+
+    def attach(self, events: EventStream) -> None:
+        with self.lock:
+            self.events = events
+            cancel = self.cancel_requested
+        if cancel:
+            events.cancel()
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancel_requested = True
+            events = self.events
+        if events is not None:
+            events.cancel()
+
+
+def _parse_completion_chunk(obj: Mapping[str, Any], out: List[Token], state: _StreamState) -> None:
+    """One event of the native ``/completion`` stream: text plus the token ids."""
+    content = obj.get("content") or ""
+    ids = obj.get("tokens") or []
+    if len(ids) > 1:
+        # Several tokens in one event (e.g. a held-back partial stop string): yield
+        # each id so counts match the server's, the text on the last.
+        out.extend(Token("", i) for i in ids[:-1])
+        out.append(Token(content, ids[-1]))
+    elif ids:
+        out.append(Token(content, ids[0]))
+    elif content:
+        out.append(Token(content, None))
+    if obj.get("stop"):
+        state.final = dict(obj)
+        stop_type = obj.get("stop_type")
+        state.finish_reason = "length" if stop_type == "limit" else "stop"
+
+
+def _parse_chat_chunk(obj: Mapping[str, Any], out: List[Token], state: _StreamState) -> None:
+    """One event of the OpenAI-style ``/v1/chat/completions`` stream."""
+    for choice in obj.get("choices") or ():
+        delta = choice.get("delta") or {}
+        content = delta.get("content")
+        if content:
+            out.append(Token(content, None))
+        reason = choice.get("finish_reason")
+        if reason:
+            state.finish_reason = "length" if reason == "length" else "stop"
+    if "timings" in obj:
+        state.final = dict(obj)
+
+
+_Parser = Callable[[Mapping[str, Any], List[Token], _StreamState], None]
+
+
+def _read(
+    state: _StreamState,
+    client: Client,
+    path: str,
+    body: Dict[str, Any],
+    idle_timeout: float,
+    parse: _Parser,
+    crash_check: Callable[[], Optional[ServerCrashedError]],
+) -> None:
+    """The reader thread: request, decode, hand tokens over; always ends with _END."""
+    events: Optional[EventStream] = None
+    try:
+        events = client.open_stream(path, body, idle_timeout)
+        state.attach(events)
+        for batch in events:
+            tokens: List[Token] = []
+            for event in batch:
+                if event.event == "error":
+                    raise _stream_error(event.data)
+                if event.data == "[DONE]":
+                    continue
+                try:
+                    obj = json.loads(event.data)
+                except ValueError as exc:
+                    raise RequestError(f"llama-server sent malformed JSON: {event.data[:200]!r}") from exc
+                if isinstance(obj, dict) and "error" in obj and not obj.get("choices"):
+                    raise _stream_error(event.data)
+                parse(obj, tokens, state)
+            if tokens:
+                if state.first_token_at is None:
+                    state.first_token_at = time.monotonic()
+                state.generated += len(tokens)
+                state.queue.put(tokens)
+        if state.cancel_requested:
+            state.finish_reason = "cancelled"
+        elif state.finish_reason is None:
+            crashed = crash_check()
+            if crashed is not None:
+                raise crashed
+            raise RequestError("llama-server ended the stream without finishing it")
+    except ConnectionLost as exc:
+        if state.cancel_requested:
+            state.finish_reason = "cancelled"
+        else:
+            state.error = crash_check() or exc
+    except BaseException as exc:  # handed to the consumer, never printed by the thread
+        if state.cancel_requested and isinstance(exc, RequestError) and exc.status is None:
+            state.finish_reason = "cancelled"
+        else:
+            if isinstance(exc, RequestError) and exc.status is None and not isinstance(exc, ServerCrashedError):
+                exc = crash_check() or exc
+            state.error = exc
+    finally:
+        if events is not None:
+            events.close()
+        state.ended_at = time.monotonic()
+        state.done.set()
+        state.queue.put(_END)
+
+
+def _stream_error(data: str) -> RequestError:
+    message = data
+    try:
+        payload = json.loads(data)
+        err = payload.get("error", payload) if isinstance(payload, dict) else payload
+        if isinstance(err, dict):
+            message = str(err.get("message", data))
+    except ValueError:
+        pass
+    return RequestError(f"llama-server reported an error mid-stream: {message}", None, message)
+
+
+class TokenStream:
+    """An iterator of :class:`Token` as the server produces them.
+
+    Use it as a context manager or call :meth:`close` to cancel early; breaking out
+    of a loop over a temporary stream, or dropping the last reference, cancels too.
+    A failure raises from iteration and is kept in :attr:`error`.
+
+    >>> with model.generate("Hello", max_tokens=8) as stream:  # doctest: +SKIP
+    ...     for token in stream:
+    ...         print(token.text, end="")
+    """
+
+    def __init__(self, model: "Model", path: str, body: Dict[str, Any], config: GenerateConfig, parse: _Parser) -> None:
+        self._model = model
+        self._state = _StreamState()
+        self._buffer: List[Token] = []
+        self._index = 0
+        self._finished = False
+        self._thread = threading.Thread(
+            target=_read,
+            args=(self._state, model.client, path, body, config.timeout, parse, model._crash_error),
+            name="llamarocm-stream",
+            daemon=True,
+        )
+        # Cancel on collection; the callback holds only the shared state.
+        self._finalizer = weakref.finalize(self, self._state.cancel)
+        model._register(self._state)
+        self._thread.start()
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> Token:
+        if self._index < len(self._buffer):
+            token = self._buffer[self._index]
+            self._index += 1
+            return token
+        if self._finished:
+            raise StopIteration
+        try:
+            item = self._take()
+        except BaseException:
+            # Ctrl-C (or any error) in the consumer: the server must stop working for us.
+            self.close()
+            raise
+        if item is _END:
+            self._finish()
+            raise StopIteration
+        self._buffer = item
+        self._index = 1
+        return item[0]
+
+    def _take(self) -> Any:
+        while True:
+            try:
+                return self._state.queue.get(timeout=_CONSUMER_CHECK_INTERVAL)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._state.queue.empty():
+                    return _END
+
+    def _finish(self) -> None:
+        self._finished = True
+        self._finalizer.detach()
+        self._model._unregister(self._state)
+        error = self._state.error
+        if error is not None:
+            self._model._record_error(error)
+            raise error
+
+    def close(self) -> None:
+        """Cancel the request (the server frees the slot) and wait for the reader.
+
+        Idempotent; callable from any thread. Tokens already received are dropped.
+        """
+        self._state.cancel()
+        self._finalizer.detach()
+        if self._thread is not threading.current_thread():
+            self._state.done.wait(10.0)
+        self._model._unregister(self._state)
+
+    def __enter__(self) -> "TokenStream":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def text(self) -> str:
+        """Drain the stream and return the whole text."""
+        return "".join(token.text for token in self)
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """The error that ended this stream, if any."""
+        return self._state.error
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        """``"stop"``, ``"length"``, ``"cancelled"``, or ``None`` while running or failed."""
+        return self._state.finish_reason
+
+    @property
+    def metrics(self) -> Optional[GenerateMetrics]:
+        """Figures for the stream, or ``None`` until it has ended."""
+        state = self._state
+        if not state.done.is_set() or state.ended_at is None:
+            return None
+        timings = state.final.get("timings") or {}
+        prompt_n = timings.get("prompt_n")
+        cache_n = timings.get("cache_n") or 0
+        return GenerateMetrics(
+            prompt_tokens=(prompt_n + cache_n) if isinstance(prompt_n, int) else None,
+            generated_tokens=state.generated,
+            time_to_first_token=(state.first_token_at - state.started) if state.first_token_at else None,
+            total_duration=state.ended_at - state.started,
+            prefill_tokens_per_second=timings.get("prompt_per_second"),
+            decode_tokens_per_second=timings.get("predicted_per_second"),
+        )
+
+
+class Model:
+    """A loaded model: start streams with :meth:`generate` and :meth:`chat`.
+
+    Made by :func:`llamarocm.load_model`; safe to share across threads.
+
+    >>> with llamarocm.load_model("gemma.gguf") as model:  # doctest: +SKIP
+    ...     print(model.generate("The capital of France is", max_tokens=4).text())
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        server: Any = None,
+        info: Any = None,
+        *,
+        context_length: Optional[int] = None,
+        parallel: int = 1,
+    ) -> None:
+        self.client = client
+        self.server = server
+        self.info = info
+        #: Tokens of context each request gets (per slot).
+        self.context_length = context_length
+        #: How many requests the server runs at once.
+        self.parallel = parallel
+        self._lock = threading.Lock()
+        self._last_error: Optional[BaseException] = None
+        self._crashed: Optional[ServerCrashedError] = None
+        self._closed = False
+        self._streams: "weakref.WeakSet[_StreamState]" = weakref.WeakSet()
+
+    # -- requests ----------------------------------------------------------------
+
+    def generate(self, prompt: str, **config: Any) -> TokenStream:
+        """Complete ``prompt`` (raw text, no chat template) and stream the tokens.
+
+        Keyword arguments are :class:`~llamarocm.GenerateConfig` fields.
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
+        cfg = GenerateConfig.from_kwargs(config)
+        body: Dict[str, Any] = {
+            "prompt": prompt,
+            "stream": True,
+            "n_predict": cfg.max_tokens if cfg.max_tokens is not None else -1,
+            "cache_prompt": True,
+            "return_tokens": True,
+        }
+        body.update(cfg.sampling_fields())
+        body.update(cfg.extra)
+        return self._open("/completion", body, cfg, _parse_completion_chunk)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], **config: Any) -> TokenStream:
+        """Reply to ``messages`` (``[{"role": ..., "content": ...}]``) with the model's
+        chat template, streaming the tokens."""
+        checked = _check_messages(messages)
+        cfg = GenerateConfig.from_kwargs(config)
+        body: Dict[str, Any] = {"messages": checked, "stream": True}
+        if cfg.max_tokens is not None:
+            body["max_tokens"] = cfg.max_tokens
+        body.update(cfg.sampling_fields())
+        body.update(cfg.extra)
+        return self._open("/v1/chat/completions", body, cfg, _parse_chat_chunk)
+
+    def tokenize(self, text: str) -> List[int]:
+        """The model's token ids for ``text`` (no BOS added)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
+        self._check_usable()
+        return list(self._call(lambda: self.client.post_json("/tokenize", {"content": text}))["tokens"])
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """The text of token ``ids``."""
+        if isinstance(ids, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise TypeError("ids must be a sequence of ints")
+        self._check_usable()
+        return str(self._call(lambda: self.client.post_json("/detokenize", {"tokens": list(ids)}))["content"])
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except ConnectionLost as exc:
+            error: BaseException = self._crash_error() or exc
+            self._record_error(error)
+            raise error from exc
+        except LlamaRocmError as exc:
+            self._record_error(exc)
+            raise
+
+    def _open(self, path: str, body: Dict[str, Any], cfg: GenerateConfig, parse: _Parser) -> TokenStream:
+        self._check_usable()
+        return TokenStream(self, path, body, cfg, parse)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise LlamaRocmError("this model is closed")
+        with self._lock:
+            crashed = self._crashed
+        if crashed is None and self.server is not None and not self.server.alive():
+            crashed = self._crash_error()
+        if crashed is not None:
+            raise crashed
+
+    # -- state -------------------------------------------------------------------
+
+    def _crash_error(self) -> Optional[ServerCrashedError]:
+        """If our server has died, the error that says so (remembered for later calls)."""
+        server = self.server
+        if server is None:
+            return None
+        code = server.wait(_CRASH_CONFIRM_SECONDS)
+        if code is None:
+            return None
+        with self._lock:
+            if self._crashed is None:
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                self._crashed = ServerCrashedError(
+                    f"llama-server (pid {server.pid}) {how}", server.stderr_tail(), code
+                )
+            return self._crashed
+
+    def _record_error(self, error: BaseException) -> None:
+        with self._lock:
+            self._last_error = error
+
+    @property
+    def last_error(self) -> Optional[BaseException]:
+        """The most recent error any stream or call of this model raised."""
+        with self._lock:
+            return self._last_error
+
+    def _register(self, state: _StreamState) -> None:
+        with self._lock:
+            self._streams.add(state)
+
+    def _unregister(self, state: _StreamState) -> None:
+        with self._lock:
+            self._streams.discard(state)
+
+    def close(self) -> None:
+        """Cancel open streams, stop the server we started. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            streams = list(self._streams)
+        for state in streams:
+            state.cancel()
+        for state in streams:
+            state.done.wait(5.0)
+        self.client.close()
+        if self.server is not None:
+            self.server.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Model {getattr(self.info, 'path', '?')} server={self.server!r}>"
+
+
+def _check_messages(messages: Any) -> List[Dict[str, Any]]:
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    if not messages:
+        raise ValueError("messages must not be empty")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"messages[{i}] must be a dict, not {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise TypeError(f"messages[{i}]['role'] must be a non-empty str")
+        if not isinstance(content, str):
+            raise TypeError(f"messages[{i}]['content'] must be a str")
+        checked.append(dict(message))
+    return checked

@@ -1,0 +1,260 @@
+"""``Server``: one ``llama-server`` process, from finding the binary to reaping it.
+
+Knows processes, ports and the server's log; not inference. Start-up follows the
+pattern of jupyter_client: spawn, then wait for a probe (``/health``, then ``/props``
+with our key, which proves the server on the port is ours) while watching that the
+process lives; on any failure, tear down what was started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ._binaries import SOURCE_BUILD_REQUIREMENT, Binary, find_binary
+from ._process import ManagedProcess
+from .client import Client, ConnectionLost
+from .devices import device_environment
+from .errors import RequestError, ServerStartError
+
+__all__ = ["Server"]
+
+log = logging.getLogger("llamarocm")
+
+PORT_ATTEMPTS = 3
+HOST = "127.0.0.1"
+# How often readiness is re-checked when the log is silent. A probe of a closed
+# port costs microseconds, so a fine interval wastes nothing and saves most of
+# the idle wait a coarse one would add to every start.
+POLL_INTERVAL = 0.005
+_BIND_FAILURE_MARKERS = ("couldn't bind", "address already in use", "failed to bind")
+
+ProgressCallback = Callable[[float, str], None]
+
+
+def _free_port() -> int:
+    # Bind port 0 to let the kernel choose, then release it for the server. Another
+    # process may take it in between: that case is detected and retried.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _read_progress(pid: int) -> "tuple[int, int]":
+    """Bytes the process has read and its resident pages: both grow while a model loads."""
+    read = rss = 0
+    try:
+        with open(f"/proc/{pid}/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"rchar:"):
+                    read = int(line.split()[1])
+                    break
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            rss = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return read, rss
+
+
+class Server:
+    """Owns one ``llama-server`` process serving ``model_path`` on a loopback port.
+
+    ``args`` are the model-specific arguments (``-c``, ``-ngl``, ``--parallel`` ...);
+    the host, port and model are added here. The API key is fresh for every process
+    and reaches the child only through its environment (``LLAMA_API_KEY``): the
+    command line is readable by every local user in ``/proc/<pid>/cmdline``.
+    ``startup_timeout`` is the longest the start may go *without progress* (the
+    child reading the model file or growing); a slow disk is waited for, a hung
+    server is not. ``progress(fraction, message)`` is called while it loads.
+
+    >>> with Server("gemma.gguf", ["-c", "4096"]) as server:  # doctest: +SKIP
+    ...     print(server.url, server.alive())
+    http://127.0.0.1:41234 True
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        args: Sequence[str] = (),
+        *,
+        server_path: Optional[str] = None,
+        devices: Optional[Sequence[int]] = None,
+        startup_timeout: float = 120.0,
+        progress: Optional[ProgressCallback] = None,
+        env: Optional[Dict[str, str]] = None,
+    ) -> None:
+        self.model_path = os.fspath(model_path)
+        self.binary: Binary = find_binary("server", server_path)
+        self._args = list(args)
+        self._startup_timeout = startup_timeout
+        self._progress = progress
+        self.api_key = secrets.token_urlsafe(32)
+        base_env = dict(os.environ if env is None else env)
+        base_env.update(self.binary.env)
+        base_env.update(device_environment(base_env, devices))
+        base_env["LLAMA_API_KEY"] = self.api_key
+        self._env = base_env
+        self._process: Optional[ManagedProcess] = None
+        self.port = 0
+        self.url = ""
+        self.client: Optional[Client] = None
+        self.props: Dict[str, Any] = {}
+        self._closed = False
+        self._start()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _argv(self, port: int) -> List[str]:
+        return [self.binary.path, "--host", HOST, "--port", str(port), "-m", self.model_path, *self._args]
+
+    def _start(self) -> None:
+        last_error: Optional[ServerStartError] = None
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self.port = _free_port()
+            self.url = f"http://{HOST}:{self.port}"
+            try:
+                self._process = ManagedProcess(
+                    self._argv(self.port), self._env, name="llama-server", redact=[self.api_key]
+                )
+            except OSError as exc:
+                raise ServerStartError(f"could not run {self.binary.path}: {exc}") from exc
+            self.client = Client(self.url, self.api_key)
+            try:
+                self._wait_ready()
+                log.info("llama-server pid %d ready at %s (%s)", self.pid, self.url, self.binary.source)
+                return
+            except ServerStartError as exc:
+                self._teardown()
+                if not getattr(exc, "port_in_use", False):
+                    raise
+                log.warning("port %d was taken before llama-server bound it (attempt %d)", self.port, attempt)
+                last_error = exc
+            except BaseException:  # KeyboardInterrupt included: never leave the child behind
+                self._teardown()
+                raise
+        assert last_error is not None
+        raise ServerStartError(
+            f"llama-server could not bind a free port in {PORT_ATTEMPTS} attempts",
+            last_error.stderr_tail,
+            last_error.returncode,
+        )
+
+    def _wait_ready(self) -> None:
+        proc, client = self._process, self.client
+        assert proc is not None and client is not None
+        file_size = max(os.path.getsize(self.model_path), 1) if os.path.exists(self.model_path) else 1
+        base_read, _ = _read_progress(proc.pid)
+        deadline = time.monotonic() + self._startup_timeout
+        last_mark = (-1, -1)
+        next_progress_check = 0.0
+        seen = 0
+        while True:
+            code = proc.returncode
+            if code is not None:
+                raise self._start_failure(code)
+            status = client.health(timeout=1.0)
+            if status == "ok":
+                try:
+                    self.props = client.props()
+                except (ConnectionLost, RequestError) as exc:
+                    # Something answers /health but refuses our key: not our server.
+                    if proc.returncode is not None:
+                        raise self._start_failure(proc.returncode) from exc
+                    raise ServerStartError(
+                        f"a server on port {self.port} answered /health but refused our key: {exc}"
+                    ) from exc
+                if self._progress is not None:
+                    self._progress(1.0, "ready")
+                return
+            now = time.monotonic()
+            if now >= next_progress_check:
+                next_progress_check = now + 0.25
+                mark = _read_progress(proc.pid)
+                if mark != last_mark:
+                    last_mark = mark
+                    deadline = now + self._startup_timeout
+                    if self._progress is not None:
+                        fraction = min(max(mark[0] - base_read, 0) / file_size, 0.99)
+                        self._progress(fraction, "loading model")
+            if now >= deadline:
+                raise ServerStartError(
+                    f"llama-server made no progress for {self._startup_timeout} s and was stopped "
+                    f"(last status: {status or 'not listening'})",
+                    proc.output_tail(),
+                )
+            # Wake early when the server logs something (it logs when it starts
+            # listening and when the model is loaded), else re-probe shortly.
+            seen = proc.wait_output(seen, POLL_INTERVAL)
+
+    def _start_failure(self, code: int) -> ServerStartError:
+        proc = self._process
+        assert proc is not None
+        proc.wait(1.0)  # let the drain thread collect the last lines
+        tail = proc.output_tail()
+        if code == -signal.SIGILL:
+            return ServerStartError(
+                f"llama-server ({self.binary.path}, from {self.binary.source}) was killed by SIGILL "
+                "(illegal instruction): this server build uses CPU instructions this processor "
+                "lacks; it was compiled for another CPU. Build one for this machine with "
+                "`llamarocm setup` (it installs "
+                f"{SOURCE_BUILD_REQUIREMENT}, compiled here), or point LLAMAROCM_SERVER at a "
+                "llama-server built for this CPU.",
+                tail,
+                code,
+            )
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        error = ServerStartError(f"llama-server {how} before it was ready", tail, code)
+        error.port_in_use = any(marker in tail.lower() for marker in _BIND_FAILURE_MARKERS)  # type: ignore[attr-defined]
+        return error
+
+    def _teardown(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self._process is not None:
+            self._process.stop()
+
+    def close(self) -> None:
+        """Stop the server (TERM, up to 5 s, KILL, reap). Idempotent, thread-safe."""
+        self._closed = True
+        self._teardown()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self._process.returncode if self._process is not None else None
+
+    def alive(self) -> bool:
+        """True while the process runs (it may still be unhealthy)."""
+        return self._process is not None and self._process.alive()
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Wait up to ``timeout`` s for the process to exit; its exit code, or None."""
+        return self._process.wait(timeout) if self._process is not None else None
+
+    def stderr_tail(self, lines: int = 40) -> str:
+        """The last lines the server logged (the API key redacted)."""
+        return self._process.output_tail(lines) if self._process is not None else ""
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive() else f"exited {self.returncode}"
+        return f"<Server {self.url} pid={self._process.pid if self._process else None} {state}>"
