@@ -152,23 +152,27 @@ def _read(
         state.attach(events)
         for batch in events:
             tokens: List[Token] = []
-            for event in batch:
-                if event.event == "error":
-                    raise _stream_error(event.data)
-                if event.data == "[DONE]":
-                    continue
-                try:
-                    obj = json.loads(event.data)
-                except ValueError as exc:
-                    raise RequestError(f"llama-server sent malformed JSON: {event.data[:200]!r}") from exc
-                if isinstance(obj, dict) and "error" in obj and not obj.get("choices"):
-                    raise _stream_error(event.data)
-                parse(obj, tokens, state)
-            if tokens:
-                if state.first_token_at is None:
-                    state.first_token_at = time.monotonic()
-                state.generated += len(tokens)
-                state.queue.put(tokens)
+            try:
+                for event in batch:
+                    if event.event == "error":
+                        raise _stream_error(event.data)
+                    if event.data == "[DONE]":
+                        continue
+                    try:
+                        obj = json.loads(event.data)
+                    except ValueError as exc:
+                        raise RequestError(f"llama-server sent malformed JSON: {event.data[:200]!r}") from exc
+                    if isinstance(obj, dict) and "error" in obj and not obj.get("choices"):
+                        raise _stream_error(event.data)
+                    parse(obj, tokens, state)
+            finally:
+                # Tokens that arrived before an error in the same read are still the
+                # consumer's: hand them over first.
+                if tokens:
+                    if state.first_token_at is None:
+                        state.first_token_at = time.monotonic()
+                    state.generated += len(tokens)
+                    state.queue.put(tokens)
         if state.cancel_requested:
             state.finish_reason = "cancelled"
         elif state.finish_reason is None:

@@ -1,0 +1,62 @@
+"""Sphinx configuration for the llamarocm documentation.
+
+Build with ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
+Only Sphinx itself is needed: no network, no theme packages, no extra extensions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+# autodoc imports the package from the working tree, not from an installed copy.
+sys.path.insert(0, ROOT)
+
+
+def _version() -> str:
+    # Read, not imported: the version must be known even if an import fails, so
+    # that autodoc's own error (not this file's) is what the build reports.
+    with open(os.path.join(ROOT, "llamarocm", "__init__.py"), encoding="utf-8") as f:
+        match = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
+    return match.group(1) if match else "unknown"
+
+
+project = "llamarocm"
+author = "the llamarocm authors"
+copyright = "the llamarocm authors"
+release = _version()
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.viewcode",
+]
+
+root_doc = "index"
+exclude_patterns = ["_build"]
+nitpicky = False
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_class_signature = "mixed"
+
+html_theme = "alabaster"
+html_title = f"llamarocm {release}"
+html_theme_options = {
+    "description": "GGUF models on AMD GPUs from plain Python",
+    "fixed_sidebar": True,
+}
+
+
+def _skip_errors_module_docstring(app, what, name, obj, options, lines):
+    # errors.rst shows the exception tree from this docstring next to its own
+    # explanations; rendering the docstring again under automodule would print
+    # the same tree twice on one page.
+    if what == "module" and name == "llamarocm.errors":
+        del lines[:]
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _skip_errors_module_docstring)

@@ -1,0 +1,143 @@
+"""Shared fixtures: the real model file, a real server binary, one shared loaded model.
+
+Integration tests need llama-server and the Gemma 3 270M package. Without them they
+skip on a developer's machine, and *fail* under CI (``CI=true``), where a skip would
+hide that nothing was tested.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import llamarocm
+from llamarocm._binaries import find_binary
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    """The embedded Gemma 3 270M file (or $LLAMAROCM_TEST_MODEL)."""
+    explicit = os.environ.get("LLAMAROCM_TEST_MODEL")
+    if explicit:
+        return explicit
+    try:
+        from llamarocm._default_model import default_model_path
+
+        return default_model_path()
+    except llamarocm.ModelNotFoundError as exc:
+        _unavailable(f"the test model is missing: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def server_binary() -> str:
+    try:
+        return find_binary("server").path
+    except llamarocm.ServerNotFoundError as exc:
+        _unavailable(f"no llama-server: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def shared_model(model_path: str, server_binary: str):
+    """One model with 4 slots for every test that only sends requests."""
+    with llamarocm.load_model(model_path, parallel=4, context_length=1024, server_path=server_binary) as model:
+        yield model
+
+
+@pytest.fixture(autouse=True)
+def no_thread_exceptions():
+    """Fail any test in which an exception escaped a thread (reader threads included)."""
+    escaped = []
+    previous = threading.excepthook
+
+    def hook(args):
+        escaped.append(args)
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+    assert not escaped, f"exception escaped a thread: {escaped[0].exc_type.__name__}: {escaped[0].exc_value}"
+
+
+FAKE_SERVER = textwrap.dedent(
+    '''\
+    #!{python}
+    """A stand-in llama-server whose behaviour FAKE_MODE chooses (tests only)."""
+    import http.server, json, os, signal, sys, time
+
+    mode = os.environ.get("FAKE_MODE", "serve")
+    counter = os.environ.get("FAKE_COUNTER")
+    if counter:
+        with open(counter, "a") as f:
+            f.write("x")
+        launches = os.path.getsize(counter)
+        if launches <= int(os.environ.get("FAKE_BIND_FAILURES", "0")):
+            mode = "bind"
+    print("fake llama-server starting, mode", mode, flush=True)
+    if mode == "sigill":
+        print("llama threadpool init", flush=True)
+        os.kill(os.getpid(), signal.SIGILL)
+    if mode == "bind":
+        print("couldn't bind HTTP server socket, hostname: 127.0.0.1, port: 1", flush=True)
+        sys.exit(1)
+    if mode == "exit":
+        print("error: failed to load model, key=" + os.environ.get("LLAMA_API_KEY", ""), flush=True)
+        sys.exit(3)
+    if mode == "hang":
+        time.sleep(3600)
+    port = int(sys.argv[sys.argv.index("--port") + 1])
+    key = os.environ.get("LLAMA_API_KEY", "")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                return self._send(200, {{"status": "ok"}})
+            if self.headers.get("Authorization") != "Bearer " + key:
+                return self._send(401, {{"error": {{"code": 401, "message": "Invalid API Key"}}}})
+            self._send(200, {{"fake": True}})
+
+    http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    '''
+)
+
+
+@pytest.fixture
+def fake_server(tmp_path):
+    """Path of an executable fake llama-server (see FAKE_SERVER)."""
+    path = tmp_path / "fake-llama-server"
+    path.write_text(FAKE_SERVER.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def llama_server_pids() -> "set[int]":
+    out = subprocess.run(["pgrep", "-f", "llama-server"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}

@@ -1,0 +1,118 @@
+"""Server lifecycle against a fake binary: the failures real servers rarely show on cue."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+import llamarocm
+from llamarocm.server import PORT_ATTEMPTS, Server
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 64)
+    return str(path)
+
+
+def _environ(pid: int) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        items = [entry.split(b"=", 1) for entry in f.read().split(b"\0") if b"=" in entry]
+    return {k.decode(): v.decode() for k, v in items}
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
+
+
+def test_sigill_is_reported_as_an_unsupported_cpu(fake_server, model_file, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "sigill")
+    with pytest.raises(llamarocm.ServerStartError) as info:
+        Server(model_file, server_path=fake_server)
+    message = str(info.value)
+    assert info.value.returncode == -signal.SIGILL
+    assert "SIGILL" in message and "CPU instructions this processor lacks" in message
+    assert "llamarocm setup" in message
+    assert "llama threadpool init" in info.value.stderr_tail
+
+
+def test_early_exit_quotes_the_log_with_the_key_redacted(fake_server, model_file, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "exit")
+    with pytest.raises(llamarocm.ServerStartError) as info:
+        Server(model_file, server_path=fake_server)
+    assert info.value.returncode == 3
+    assert "exited with code 3" in str(info.value)
+    assert "failed to load model, key=***" in info.value.stderr_tail
+
+
+def test_port_taken_is_retried_with_a_new_port(fake_server, model_file, monkeypatch, tmp_path):
+    counter = tmp_path / "launches"
+    monkeypatch.setenv("FAKE_COUNTER", str(counter))
+    monkeypatch.setenv("FAKE_BIND_FAILURES", str(PORT_ATTEMPTS - 1))
+    with Server(model_file, server_path=fake_server) as server:
+        assert server.alive()
+        assert server.props == {"fake": True}
+    assert counter.read_text() == "x" * PORT_ATTEMPTS
+
+
+def test_port_retries_are_bounded(fake_server, model_file, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_COUNTER", str(tmp_path / "launches"))
+    monkeypatch.setenv("FAKE_BIND_FAILURES", "99")
+    with pytest.raises(llamarocm.ServerStartError, match=f"free port in {PORT_ATTEMPTS} attempts"):
+        Server(model_file, server_path=fake_server)
+    assert (tmp_path / "launches").read_text() == "x" * PORT_ATTEMPTS
+
+
+def test_a_server_without_progress_is_stopped(fake_server, model_file, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "hang")
+    with pytest.raises(llamarocm.ServerStartError, match="no progress") as info:
+        Server(model_file, server_path=fake_server, startup_timeout=0.5)
+    assert "fake llama-server starting" in info.value.stderr_tail
+
+
+def test_key_in_environment_never_on_command_line(fake_server, model_file, monkeypatch):
+    monkeypatch.delenv("HIP_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # must not hijack loopback
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    with Server(model_file, server_path=fake_server) as server:
+        env = _environ(server.pid)
+        assert env["LLAMA_API_KEY"] == server.api_key and len(server.api_key) >= 32
+        assert env["HIP_VISIBLE_DEVICES"] == "0"
+        cmdline = _cmdline(server.pid)
+        assert server.api_key not in cmdline
+        assert "--host 127.0.0.1" in cmdline
+        pid = server.pid
+    assert not os.path.exists(f"/proc/{pid}") or _zombie_or_gone(pid)
+
+
+def test_devices_are_limited_by_the_users_variable(fake_server, model_file, monkeypatch):
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "1,2")
+    with Server(model_file, server_path=fake_server, devices=[2, 3]) as server:
+        assert _environ(server.pid)["HIP_VISIBLE_DEVICES"] == "2"
+
+
+def test_each_server_gets_a_fresh_key(fake_server, model_file):
+    with Server(model_file, server_path=fake_server) as a, Server(model_file, server_path=fake_server) as b:
+        assert a.api_key != b.api_key and a.port != b.port
+
+
+def test_close_is_idempotent_and_reaps(fake_server, model_file):
+    server = Server(model_file, server_path=fake_server)
+    server.close()
+    server.close()
+    assert not server.alive()
+    assert server.returncode == -signal.SIGTERM
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
