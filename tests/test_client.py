@@ -131,7 +131,8 @@ def test_completion_stream_yields_tokens_ids_and_metrics(model):
 
 @responses.activate
 def test_error_event_mid_stream_raises_and_is_recorded(model):
-    body = _sse({"content": "a", "tokens": [1], "stop": False}) + b'error: {"code": 500, "message": "kv cache full"}\n\n'
+    body = _sse({"content": "a", "tokens": [1], "stop": False})
+    body += b'error: {"code": 500, "message": "kv cache full"}\n\n'
     responses.post(URL + "/completion", body=body)
     stream = model.generate("x")
     assert next(stream).text == "a"

@@ -1,0 +1,39 @@
+"""The README's promises about set-up hold for the files that CI runs."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+pytestmark = pytest.mark.timeout(10)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(name: str) -> str:
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def _setup_commands() -> "list[str]":
+    first_block = re.search(r"```bash\n(.*?)```", _read("README.md"), re.S).group(1)
+    return [line for line in first_block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_starts_with_exactly_two_commands():
+    commands = _setup_commands()
+    assert len(commands) == 2
+    assert "llamarocm generate" in commands[0]
+    assert "pytest" in commands[1]
+
+
+def test_ci_runs_the_readmes_test_command():
+    assert _setup_commands()[1] in _read(".ci/run")
+
+
+def test_runtime_dependencies_are_only_requests():
+    cfg = _read("setup.cfg")
+    requires = re.search(r"install_requires =\n((?:    .*\n)+)", cfg).group(1).split()
+    assert [r.split(">")[0].split("=")[0] for r in requires] == ["requests"]
