@@ -58,5 +58,20 @@ def _skip_errors_module_docstring(app, what, name, obj, options, lines):
         del lines[:]
 
 
+def _resolve_reexported_errors(app, env, node, contnode):
+    # The exceptions are documented once, as llamarocm.errors.X, but users (and the
+    # library's docstrings) name them as re-exported: llamarocm.X. Link those too.
+    target = node.get("reftarget", "")
+    if node.get("refdomain") != "py" or not target.startswith("llamarocm."):
+        return None
+    name = target.rsplit(".", 1)[1]
+    qualified = f"llamarocm.errors.{name}"
+    domain = env.get_domain("py")
+    if qualified not in domain.objects or qualified == target:
+        return None
+    return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], qualified, node, contnode)
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _skip_errors_module_docstring)
+    app.connect("missing-reference", _resolve_reexported_errors)

