@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from ._sse import ServerSentEvent, SSEDecoder
 from .errors import RequestError, StreamTimeoutError, error_from_response
@@ -33,6 +34,18 @@ class ConnectionLost(RequestError):
     """The connection broke mid-request; the caller decides whether the server died."""
 
 
+def _session(api_key: Optional[str], pool_size: int, retry: Retry) -> requests.Session:
+    session = requests.Session()
+    # Proxy variables and .netrc must never redirect or decorate loopback traffic.
+    session.trust_env = False
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if api_key:
+        session.headers["Authorization"] = f"Bearer {api_key}"
+    return session
+
+
 class Client:
     """Talks to ``base_url`` with ``api_key`` as a bearer token.
 
@@ -43,17 +56,20 @@ class Client:
 
     def __init__(self, base_url: str, api_key: Optional[str] = None, *, pool_size: int = 16) -> None:
         self.base_url = base_url.rstrip("/")
-        self._session = requests.Session()
-        # Proxy variables and .netrc must never redirect or decorate loopback traffic.
-        self._session.trust_env = False
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        if api_key:
-            self._session.headers["Authorization"] = f"Bearer {api_key}"
+        # Every plain call (health, props, slots, tokenize...) is free of side effects,
+        # so one retry is safe; it absorbs a pooled keep-alive connection that the
+        # server closed while it sat idle.
+        self._session = _session(api_key, pool_size, Retry(
+            total=1, connect=1, read=1, status=0, other=0, allowed_methods=None, raise_on_status=False
+        ))
+        # Streams are never re-sent once they may have reached the server, and each
+        # gets a connection of its own ("Connection: close"), never pooled, whose
+        # socket cancel() can shut down without touching anyone else's request.
+        self._stream_session = _session(api_key, pool_size, Retry(total=1, connect=1, read=0, status=0, other=0))
 
     def close(self) -> None:
         self._session.close()
+        self._stream_session.close()
 
     # -- plain calls -------------------------------------------------------------
 
@@ -109,7 +125,7 @@ class Client:
         included (that one covers the server's prompt evaluation).
         """
         stream = EventStream(path, idle_timeout)
-        stream._open(self._session, self.base_url + path, body)
+        stream._open(self._stream_session, self.base_url + path, body)
         return stream
 
 
@@ -129,7 +145,7 @@ class EventStream:
             resp = session.post(
                 url,
                 data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+                headers={"Content-Type": "application/json", "Accept": "text/event-stream", "Connection": "close"},
                 stream=True,
                 timeout=(CONNECT_TIMEOUT, self.idle_timeout),
             )

@@ -297,7 +297,7 @@ class GGUFArray(Sequence[Any]):
     >>> meta = read_metadata("gemma-3-270m-q4_k_m.gguf")  # doctest: +SKIP
     >>> tokens = meta.kv["tokenizer.ggml.tokens"]  # doctest: +SKIP
     >>> len(tokens), tokens[2], tokens[-1], tokens[100:103]  # doctest: +SKIP
-    (262144, '<bos>', '<image_soft_token>', ['<unused94>', '<unused95>', '<unused96>'])
+    (262144, '<bos>', '<unused6241>', ['<unused94>', '<unused95>', '<unused96>'])
     """
 
     __slots__ = ("_type", "_count", "_blob", "_off", "_runs", "_codec", "_depth", "_path")
@@ -420,7 +420,7 @@ class GGUFArray(Sequence[Any]):
         u32u64 = self._codec.u32u64.unpack_from
         for _ in repeat(None, count):
             element_type, n = u32u64(data, off)
-            child_runs = [] if element_type in (_STRING, _ARRAY) else None
+            child_runs: Optional[list[int]] = [] if element_type in (_STRING, _ARRAY) else None
             end = walker.skip_array(element_type, n, off + 12, self._depth + 1, child_runs)
             append(
                 GGUFArray(element_type, n, self._blob, off + 12, child_runs, self._codec, self._depth + 1, self._path)
@@ -961,14 +961,17 @@ def read_metadata(path: PathLike, *, tensors: bool = True) -> GGUFMetadata:
             mapped = None
         if mapped is not None:
             try:
-                return _walk(mapped, size, size, path, signature, tensors)
+                # The mapping's length is the truth if the file changed since fstat().
+                return _walk(mapped, len(mapped), len(mapped), path, signature, tensors)
             finally:
                 mapped.close()
         # No mmap (an odd filesystem): read a growing prefix until the header fits.
         want = 1 << 20
         while True:
             f.seek(0)
-            head = f.read(min(want, size))
+            head = f.read(want)
+            if len(head) < want:
+                size = len(head)  # the whole file, even if it changed since fstat()
             try:
                 return _walk(head, len(head), size, path, signature, tensors)
             except _NeedMore:

