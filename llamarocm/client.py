@@ -129,6 +129,21 @@ class Client:
         return stream
 
 
+def _socket_of(resp: requests.Response) -> Optional[socket.socket]:
+    """The socket under a streaming response, for shutting it down from another thread.
+
+    With "Connection: close", http.client hands the socket over to the response and
+    forgets it on the connection, so look on the response's file first.
+    """
+    fp = getattr(resp.raw, "_fp", None)  # http.client.HTTPResponse
+    sock = getattr(getattr(getattr(fp, "fp", None), "raw", None), "_sock", None)  # BufferedReader -> SocketIO
+    if isinstance(sock, socket.socket):
+        return sock
+    conn = getattr(resp.raw, "connection", None)
+    sock = getattr(conn, "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
 class EventStream:
     """The SSE events of one streaming response; cancellable from any thread."""
 
@@ -159,10 +174,9 @@ class EventStream:
             text = resp.text
             resp.close()
             raise error_from_response(resp.status_code, text)
-        conn = getattr(resp.raw, "_connection", None) or getattr(resp.raw, "connection", None)
         with self._lock:
             self._resp = resp
-            self._sock = getattr(conn, "sock", None)
+            self._sock = _socket_of(resp)
             cancelled = self.cancelled
         if cancelled:  # cancel() came while we waited for the headers
             self._shutdown()
