@@ -10,6 +10,7 @@ import logging
 import os
 from typing import Optional, Sequence, Union
 
+from .chat_templates import template_args
 from .config import LoadConfig
 from .errors import GGUFError, ModelNotFoundError
 from .gguf import ModelInfo, read_metadata
@@ -36,6 +37,7 @@ def load_model(
     server_path: Optional[Union[str, "os.PathLike[str]"]] = None,
     startup_timeout: float = LoadConfig.startup_timeout,
     extra_args: Sequence[str] = (),
+    chat_template: Optional[str] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> Model:
     """Start ``llama-server`` on the GGUF file at ``path`` and return the loaded model.
@@ -45,6 +47,11 @@ def load_model(
     (the server is started with ``-c context_length * parallel``).
     ``gpu_layers``: ``None`` lets the server fit layers to memory, ``"all"`` or an int.
     ``startup_timeout`` is the longest the load may go without progress.
+    ``chat_template`` overrides the template ``chat()`` uses: a llama.cpp built-in name
+    (``"gemma"``, ``"chatml"``...), a Jinja file, or a Jinja string. Without it the
+    file's own template is used, or for a file without one its architecture's
+    built-in template; failing both, ``chat()`` raises instead of guessing.
+    ``progress(fraction, message)`` is called while the model loads.
 
     >>> import llamarocm
     >>> with llamarocm.load_model("gemma.gguf", parallel=2) as model:  # doctest: +SKIP
@@ -72,16 +79,32 @@ def load_model(
     metadata = read_metadata(model_path)
     info = ModelInfo.from_metadata(metadata)
     ctx = _context_length(cfg.context_length, metadata.context_length)
+    template_flags, template = template_args(chat_template, metadata.chat_template, metadata.architecture)
     server = Server(
         model_path,
-        _server_args(cfg, ctx),
+        _server_args(cfg, ctx) + template_flags,
         server_path=cfg.server_path,
         devices=cfg.devices,
         startup_timeout=cfg.startup_timeout,
         progress=progress,
     )
     assert server.client is not None
-    return Model(server.client, server, info, context_length=ctx, parallel=cfg.parallel)
+    no_template = None
+    if template is None:
+        no_template = (
+            f"{os.path.basename(model_path)} has no chat template and none is known for its "
+            f"architecture {metadata.architecture!r}: load it with chat_template=... "
+            "(a llama.cpp built-in name, a Jinja file or string), or use generate()"
+        )
+    return Model(
+        server.client,
+        server,
+        info,
+        context_length=ctx,
+        parallel=cfg.parallel,
+        chat_template=template,
+        no_chat_template_reason=no_template,
+    )
 
 
 def _context_length(requested: Optional[int], trained: Optional[int]) -> int:

@@ -348,6 +348,8 @@ class Model:
         *,
         context_length: Optional[int] = None,
         parallel: int = 1,
+        chat_template: Optional[str] = None,
+        no_chat_template_reason: Optional[str] = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -356,6 +358,9 @@ class Model:
         self.context_length = context_length
         #: How many requests the server runs at once.
         self.parallel = parallel
+        #: Where ``chat()``'s template comes from (e.g. "embedded in the GGUF file").
+        self.chat_template = chat_template
+        self._no_chat_template_reason = no_chat_template_reason
         self._lock = threading.Lock()
         self._last_error: Optional[BaseException] = None
         self._crashed: Optional[ServerCrashedError] = None
@@ -388,6 +393,9 @@ class Model:
         chat template, streaming the tokens."""
         checked = _check_messages(messages)
         cfg = GenerateConfig.from_kwargs(config)
+        if self._no_chat_template_reason:
+            # llama-server would silently render ChatML, which most models never saw.
+            raise ValueError(self._no_chat_template_reason)
         body: Dict[str, Any] = {"messages": checked, "stream": True}
         if cfg.max_tokens is not None:
             body["max_tokens"] = cfg.max_tokens

@@ -104,16 +104,35 @@ def test_stop_string_ends_the_stream(shared_model):
     assert stream.finish_reason == "stop"
 
 
-def test_chat_renders_a_template_and_streams(shared_model):
+def test_chat_uses_gemmas_turn_template(shared_model):
+    # The Gemma 3 270M file carries no template; llama-server alone would render ChatML.
+    assert shared_model.chat_template == "built-in gemma (fallback for gemma3)"
     messages = [{"role": "user", "content": "Say hello."}]
+    rendered = shared_model.client.post_json("/apply-template", {"messages": messages})["prompt"]
+    assert rendered == "<start_of_turn>user\nSay hello.<end_of_turn>\n<start_of_turn>model\n"
     stream = shared_model.chat(messages, max_tokens=8, **GREEDY)
     tokens = list(stream)
-    assert stream.metrics.generated_tokens == len(tokens) and tokens
-    # The server rendered the messages through a template: more prompt tokens than
-    # the bare words, and the same count as its own /apply-template gives.
-    rendered = shared_model.client.post_json("/apply-template", {"messages": messages})["prompt"]
-    assert "Say hello." in rendered and rendered != "Say hello."
-    assert stream.metrics.prompt_tokens == len(shared_model.tokenize(rendered)) + 1  # + BOS
+    assert tokens and stream.metrics.generated_tokens == len(tokens)
+    # What the server evaluated is that rendering: its tokens plus BOS (12, where
+    # ChatML would take 26).
+    assert stream.metrics.prompt_tokens == len(shared_model.tokenize(rendered)) + 1 == 12
+
+
+def test_chat_template_override(model_path, server_binary):
+    with llamarocm.load_model(model_path, context_length=256, server_path=server_binary,
+                              chat_template="chatml") as model:
+        rendered = model.client.post_json("/apply-template", {"messages": [{"role": "user", "content": "Hi"}]})
+        assert rendered["prompt"].startswith("<|im_start|>user\nHi<|im_end|>")
+        assert model.chat_template == "built-in chatml"
+
+
+def test_unknown_template_name_spawns_nothing(model_path, server_binary):
+    from conftest import llama_server_pids
+
+    before = llama_server_pids()
+    with pytest.raises(ValueError, match="built-in names"):
+        llamarocm.load_model(model_path, server_path=server_binary, chat_template="gemma-ish")
+    assert llama_server_pids() == before
 
 
 def test_tokenize_detokenize_roundtrip(shared_model):
