@@ -56,20 +56,21 @@ class Client:
 
     def __init__(self, base_url: str, api_key: Optional[str] = None, *, pool_size: int = 16) -> None:
         self.base_url = base_url.rstrip("/")
-        # Every plain call (health, props, slots, tokenize...) is free of side effects,
-        # so one retry is safe; it absorbs a pooled keep-alive connection that the
-        # server closed while it sat idle.
+        # Plain calls (props, slots, tokenize...) are free of side effects, so one
+        # retry is safe; it absorbs a pooled keep-alive connection that the server
+        # closed while it sat idle.
         self._session = _session(api_key, pool_size, Retry(
-            total=1, connect=1, read=1, status=0, other=0, allowed_methods=None, raise_on_status=False
+            total=1, connect=0, read=1, status=0, other=0, allowed_methods=None, raise_on_status=False
         ))
         # Streams are never re-sent once they may have reached the server, and each
         # gets a connection of its own ("Connection: close"), never pooled, whose
         # socket cancel() can shut down without touching anyone else's request.
-        self._stream_session = _session(api_key, pool_size, Retry(total=1, connect=1, read=0, status=0, other=0))
+        # Health probes use it too: a refused probe is an answer, not a fault to retry.
+        self._once_session = _session(api_key, pool_size, Retry(0, read=False))
 
     def close(self) -> None:
         self._session.close()
-        self._stream_session.close()
+        self._once_session.close()
 
     # -- plain calls -------------------------------------------------------------
 
@@ -77,7 +78,9 @@ class Client:
         """The server's status: ``"ok"``, ``"loading"``, another word, or ``None`` when
         nothing answers on the port yet."""
         try:
-            resp = self._session.get(self.base_url + "/health", timeout=(timeout, timeout))
+            resp = self._once_session.get(
+                self.base_url + "/health", timeout=(timeout, timeout), headers={"Connection": "close"}
+            )
         except requests.RequestException:
             return None
         if resp.status_code == 200:
@@ -125,7 +128,7 @@ class Client:
         included (that one covers the server's prompt evaluation).
         """
         stream = EventStream(path, idle_timeout)
-        stream._open(self._stream_session, self.base_url + path, body)
+        stream._open(self._once_session, self.base_url + path, body)
         return stream
 
 
