@@ -7,6 +7,8 @@ Exit codes: 0 ok, 1 runtime error (message on stderr; traceback only with
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -20,6 +22,8 @@ from ._default_model import default_model_path
 
 EXAMPLES = {
     "generate": 'llamarocm generate "Once upon a time" --max-tokens 64',
+    "models": "llamarocm models ~/models --recursive",
+    "info": "llamarocm info ~/models/gemma-3-270m-q4_k_m.gguf --json",
     "setup": "llamarocm setup",
 }
 
@@ -59,6 +63,75 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 f"[{metrics.generated_tokens} tokens, first after {metrics.time_to_first_token or 0:.3f} s, "
                 f"{metrics.decode_tokens_per_second or 0:.1f} tok/s, finish: {stream.finish_reason}]"
             )
+    return 0
+
+
+def _size(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    found = llamarocm.discover_models(args.folder, recursive=args.recursive)
+    if args.json:
+        _print_json([dataclasses.asdict(info) for info in found])
+        return 0
+    if not found:
+        _stderr(f"no GGUF models in {args.folder}")
+        return 0
+    rows = [("PATH", "ARCH", "QUANT", "SIZE", "PARAMS", "CONTEXT")] + [
+        (
+            os.path.relpath(m.path, args.folder),
+            m.architecture or "-",
+            m.quantization or "-",
+            _size(m.file_size),
+            m.size_label or (f"{m.parameters / 1e6:.0f}M" if m.parameters else "-"),
+            str(m.context_length or "-"),
+        )
+        for m in found
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    meta = llamarocm.read_metadata(_model_path(args.model))
+    fields = {
+        "path": meta.path,
+        "gguf_version": meta.version,
+        "architecture": meta.architecture,
+        "name": meta.name,
+        "quantization": meta.quantization,
+        "file_type": meta.file_type,
+        "size_label": meta.size_label,
+        "parameters": meta.parameters,
+        "file_size": meta.file_size,
+        "context_length": meta.context_length,
+        "block_count": meta.block_count,
+        "embedding_length": meta.embedding_length,
+        "head_count": meta.head_count,
+        "head_count_kv": meta.head_count_kv,
+        "tensor_count": meta.tensor_count,
+        "has_chat_template": meta.chat_template is not None,
+    }
+    if args.json:
+        _print_json(fields)
+        return 0
+    width = max(len(k) for k in fields)
+    for key, value in fields.items():
+        shown = _size(value) if key == "file_size" else ("-" if value is None else value)
+        print(f"{key.ljust(width)}  {shown}")
     return 0
 
 
@@ -129,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--context-length", type=int, metavar="N")
     gen.add_argument("-v", "--verbose", action="store_true", help="print metrics on stderr")
     gen.set_defaults(func=cmd_generate)
+
+    models = add("models", "List the GGUF models in FOLDER (default: the current folder).")
+    models.add_argument("folder", nargs="?", default=".")
+    models.add_argument("-r", "--recursive", action="store_true", help="look in subfolders too")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    models.set_defaults(func=cmd_models)
+
+    info = add("info", "Print a GGUF file's metadata (default: the embedded model).")
+    info.add_argument("model", nargs="?", metavar="FILE")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
 
     setup = add(
         "setup",

@@ -42,8 +42,8 @@ _CRASH_CONFIRM_SECONDS = 1.0
 class Token(NamedTuple):
     """One generated token: its text and, where the server reports it, its id.
 
-    ``id`` is ``None`` for ``chat()`` streams (the OpenAI-style stream carries no ids).
-    A token that ends inside a multi-byte character has empty ``text``; the
+    ``id`` is ``None`` only when the server leaves the ids out (llama-server's
+    native stream always carries them). A token that ends inside a multi-byte character has empty ``text``; the
     character arrives whole with the next token.
     """
 
@@ -117,20 +117,6 @@ def _parse_completion_chunk(obj: Mapping[str, Any], out: List[Token], state: _St
         state.final = dict(obj)
         stop_type = obj.get("stop_type")
         state.finish_reason = "length" if stop_type == "limit" else "stop"
-
-
-def _parse_chat_chunk(obj: Mapping[str, Any], out: List[Token], state: _StreamState) -> None:
-    """One event of the OpenAI-style ``/v1/chat/completions`` stream."""
-    for choice in obj.get("choices") or ():
-        delta = choice.get("delta") or {}
-        content = delta.get("content")
-        if content:
-            out.append(Token(content, None))
-        reason = choice.get("finish_reason")
-        if reason:
-            state.finish_reason = "length" if reason == "length" else "stop"
-    if "timings" in obj:
-        state.final = dict(obj)
 
 
 _Parser = Callable[[Mapping[str, Any], List[Token], _StreamState], None]
@@ -376,7 +362,9 @@ class Model:
         """
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
-        cfg = GenerateConfig.from_kwargs(config)
+        return self._complete(prompt, GenerateConfig.from_kwargs(config))
+
+    def _complete(self, prompt: str, cfg: GenerateConfig) -> TokenStream:
         body: Dict[str, Any] = {
             "prompt": prompt,
             "stream": True,
@@ -390,18 +378,24 @@ class Model:
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **config: Any) -> TokenStream:
         """Reply to ``messages`` (``[{"role": ..., "content": ...}]``) with the model's
-        chat template, streaming the tokens."""
+        chat template, streaming the tokens.
+
+        The server renders the messages (``/apply-template``) and the reply streams from
+        its native completion endpoint, the same path as :meth:`generate`: so chat
+        tokens carry their ids too (the OpenAI-style chat stream has none), at the cost
+        of one extra local round trip of about a millisecond.
+        """
         checked = _check_messages(messages)
         cfg = GenerateConfig.from_kwargs(config)
         if self._no_chat_template_reason:
             # llama-server would silently render ChatML, which most models never saw.
             raise ValueError(self._no_chat_template_reason)
-        body: Dict[str, Any] = {"messages": checked, "stream": True}
-        if cfg.max_tokens is not None:
-            body["max_tokens"] = cfg.max_tokens
-        body.update(cfg.sampling_fields())
-        body.update(cfg.extra)
-        return self._open("/v1/chat/completions", body, cfg, _parse_chat_chunk)
+        self._check_usable()
+        rendered = self._call(lambda: self.client.post_json("/apply-template", {"messages": checked}))
+        prompt = rendered.get("prompt") if isinstance(rendered, dict) else None
+        if not isinstance(prompt, str):
+            raise RequestError(f"llama-server's /apply-template answered without a prompt: {rendered!r:.200}")
+        return self._complete(prompt, cfg)
 
     def tokenize(self, text: str) -> List[int]:
         """The model's token ids for ``text`` (no BOS added)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -41,3 +43,43 @@ def test_generate_prints_text(model_path, server_binary):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "tok/s" in proc.stderr
+
+
+def _gguf_copy(model_path, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "gemma.gguf"
+    os.symlink(model_path, target)
+    return target
+
+
+@pytest.mark.integration
+def test_models_lists_a_folder(model_path, tmp_path, capsys):
+    _gguf_copy(model_path, tmp_path / "sub")
+    (tmp_path / "junk.gguf").write_bytes(b"not gguf at all")
+    assert main(["models", str(tmp_path)]) == 0
+    assert "gemma.gguf" not in capsys.readouterr().out  # not recursive
+    assert main(["models", str(tmp_path), "--recursive", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [os.path.basename(m["path"]) for m in listed] == ["gemma.gguf"]
+    assert listed[0]["architecture"] == "gemma3" and listed[0]["quantization"] == "Q4_K_M"
+    assert main(["models", str(tmp_path), "-r"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["PATH", "ARCH", "QUANT", "SIZE", "PARAMS", "CONTEXT"]
+    assert "gemma3" in table[1] and "Q4_K_M" in table[1]
+
+
+@pytest.mark.integration
+def test_info_prints_metadata(model_path, capsys):
+    assert main(["info", model_path, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["architecture"] == "gemma3" and data["context_length"] == 32768
+    assert data["has_chat_template"] is False and data["tensor_count"] > 0
+    assert main(["info", model_path]) == 0
+    assert "Q4_K_M" in capsys.readouterr().out
+
+
+def test_info_on_junk_exits_1(tmp_path, capsys):
+    junk = tmp_path / "x.gguf"
+    junk.write_bytes(b"nope")
+    assert main(["info", str(junk)]) == 1
+    assert "GGUF" in capsys.readouterr().err

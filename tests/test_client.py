@@ -175,21 +175,29 @@ def test_http_error_on_stream_open(model):
 
 
 @responses.activate
-def test_chat_stream(model):
+def test_chat_renders_then_streams_a_completion(model):
+    responses.post(URL + "/apply-template", json={"prompt": "<turn>user Hello<turn>model "})
     body = _sse(
-        {"choices": [{"delta": {"role": "assistant", "content": None}, "finish_reason": None}]},
-        {"choices": [{"delta": {"content": "Hi"}, "finish_reason": None}]},
-        {"choices": [{"delta": {"content": " there"}, "finish_reason": None}]},
-        {"choices": [{"delta": {}, "finish_reason": "stop"}], "timings": {"prompt_n": 12, "cache_n": 0}},
-        done=True,
+        {"content": "Hi", "tokens": [5], "stop": False},
+        {"content": " there", "tokens": [6], "stop": False},
+        {"content": "", "tokens": [], "stop": True, "stop_type": "eos", "timings": {"prompt_n": 12, "cache_n": 0}},
     )
-    responses.post(URL + "/v1/chat/completions", body=body)
+    responses.post(URL + "/completion", body=body)
     stream = model.chat([{"role": "user", "content": "Hello"}], max_tokens=8)
-    assert stream.text() == "Hi there"
+    assert list(stream) == [("Hi", 5), (" there", 6)]
     assert stream.finish_reason == "stop"
     assert stream.metrics.prompt_tokens == 12 and stream.metrics.generated_tokens == 2
-    sent = json.loads(responses.calls[0].request.body)
-    assert sent["messages"] == [{"role": "user", "content": "Hello"}] and sent["max_tokens"] == 8
+    assert json.loads(responses.calls[0].request.body) == {"messages": [{"role": "user", "content": "Hello"}]}
+    sent = json.loads(responses.calls[1].request.body)
+    assert sent["prompt"] == "<turn>user Hello<turn>model " and sent["n_predict"] == 8
+
+
+@responses.activate
+def test_chat_template_failure_is_typed(model):
+    responses.post(URL + "/apply-template", status=500, json={"error": {"message": "template error"}})
+    with pytest.raises(llamarocm.RequestError, match="template error"):
+        model.chat([{"role": "user", "content": "Hello"}])
+    assert isinstance(model.last_error, llamarocm.RequestError)
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,8 @@ def test_chat_uses_gemmas_turn_template(shared_model):
     stream = shared_model.chat(messages, max_tokens=8, **GREEDY)
     tokens = list(stream)
     assert tokens and stream.metrics.generated_tokens == len(tokens)
+    assert all(isinstance(t.id, int) for t in tokens)
+    assert shared_model.detokenize([t.id for t in tokens]) == "".join(t.text for t in tokens)
     # What the server evaluated is that rendering: its tokens plus BOS (12, where
     # ChatML would take 26).
     assert stream.metrics.prompt_tokens == len(shared_model.tokenize(rendered)) + 1 == 12
