@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from .backend import load_model
+from .backend import connect, load_model
+from .batch import BatchResult
 from .config import GenerateConfig, LoadConfig
 from .errors import (
     ContextLengthError,
@@ -26,7 +27,7 @@ from .errors import (
     StreamTimeoutError,
 )
 from .gguf import GGUFMetadata, ModelInfo, discover_models, read_metadata
-from .model import GenerateMetrics, Model, Token, TokenStream
+from .model import GenerateMetrics, Model, Token, TokenStream, TopLogprob
 from .server import Server
 
 __version__ = "0.1.0"
@@ -34,10 +35,13 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "load_model",
+    "connect",
     "Model",
     "TokenStream",
     "Token",
+    "TopLogprob",
     "GenerateMetrics",
+    "BatchResult",
     "Server",
     "GenerateConfig",
     "LoadConfig",

@@ -11,13 +11,17 @@ import os
 from typing import Optional, Sequence, Union
 
 from .chat_templates import template_args
+from .client import Client
 from .config import LoadConfig
-from .errors import GGUFError, ModelNotFoundError
+from .errors import GGUFError, ModelNotFoundError, RequestError
 from .gguf import ModelInfo, read_metadata
 from .model import Model
 from .server import ProgressCallback, Server
 
-__all__ = ["load_model", "DEFAULT_CONTEXT_CAP"]
+__all__ = ["load_model", "connect", "DEFAULT_CONTEXT_CAP"]
+
+#: llama-server's ``--pooling`` choices.
+POOLING_TYPES = ("none", "mean", "cls", "last", "rank")
 
 log = logging.getLogger("llamarocm")
 
@@ -38,6 +42,8 @@ def load_model(
     startup_timeout: float = LoadConfig.startup_timeout,
     extra_args: Sequence[str] = (),
     chat_template: Optional[str] = None,
+    embeddings: bool = False,
+    pooling: Optional[str] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> Model:
     """Start ``llama-server`` on the GGUF file at ``path`` and return the loaded model.
@@ -51,6 +57,9 @@ def load_model(
     (``"gemma"``, ``"chatml"``...), a Jinja file, or a Jinja string. Without it the
     file's own template is used, or for a file without one its architecture's
     built-in template; failing both, ``chat()`` raises instead of guessing.
+    ``embeddings=True`` enables :meth:`Model.embed` (with ``pooling``, default
+    ``"mean"``: many models declare none, which the embeddings endpoint refuses);
+    generation keeps working.
     ``progress(fraction, message)`` is called while the model loads.
 
     >>> import llamarocm
@@ -69,6 +78,13 @@ def load_model(
         startup_timeout=startup_timeout,
         extra_args=tuple(extra_args) if not isinstance(extra_args, str) else extra_args,
     )
+    if not isinstance(embeddings, bool):
+        raise TypeError("embeddings must be True or False")
+    if pooling is not None:
+        if not embeddings:
+            raise ValueError("pooling is only meaningful with embeddings=True")
+        if pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING_TYPES)}, got {pooling!r}")
     if progress is not None and not callable(progress):
         raise TypeError("progress must be callable(fraction, message)")
     model_path = os.path.abspath(cfg.model_path)
@@ -80,9 +96,10 @@ def load_model(
     info = ModelInfo.from_metadata(metadata)
     ctx = _context_length(cfg.context_length, metadata.context_length)
     template_flags, template = template_args(chat_template, metadata.chat_template, metadata.architecture)
+    embedding_flags = ["--embeddings", "--pooling", pooling or "mean"] if embeddings else []
     server = Server(
         model_path,
-        _server_args(cfg, ctx) + template_flags,
+        _server_args(cfg, ctx) + template_flags + embedding_flags,
         server_path=cfg.server_path,
         devices=cfg.devices,
         startup_timeout=cfg.startup_timeout,
@@ -104,6 +121,7 @@ def load_model(
         parallel=cfg.parallel,
         chat_template=template,
         no_chat_template_reason=no_template,
+        embeddings=embeddings,
     )
 
 
@@ -140,3 +158,55 @@ def _server_args(cfg: LoadConfig, ctx: int) -> "list[str]":
     return args
 
 
+
+
+def connect(url: str, api_key: Optional[str] = None) -> Model:
+    """Use a llama-server this process did not start (no process ownership).
+
+    ``close()`` then closes connections only; ``model.server`` is ``None``;
+    ``model.info`` comes from the server's ``/props`` and ``/v1/models``; a lost
+    connection raises :class:`~llamarocm.RequestError` (we cannot see its process).
+
+    >>> model = llamarocm.connect("http://127.0.0.1:8080", api_key="...")  # doctest: +SKIP
+    """
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValueError(f"url must be an http(s) URL, got {url!r}")
+    if api_key is not None and not isinstance(api_key, str):
+        raise TypeError("api_key must be a str")
+    client = Client(url, api_key)
+    try:
+        status = client.health(timeout=5.0)
+        if status != "ok":
+            raise RequestError(
+                f"no ready llama-server at {url} ({status or 'nothing answers there'})", None
+            )
+        props = client.props()
+        meta: dict = {}
+        try:
+            models = client.get_json("/v1/models").get("data") or []
+            meta = (models[0].get("meta") or {}) if models else {}
+        except RequestError:
+            pass  # older servers: /props alone
+    except BaseException:
+        client.close()
+        raise
+    path = props.get("model_path") or ""
+    info = ModelInfo(
+        path=path,
+        architecture=None,
+        name=os.path.basename(path) or None,
+        quantization=None,
+        size_label=None,
+        parameters=meta.get("n_params"),
+        file_size=meta.get("size") or 0,
+        context_length=meta.get("n_ctx_train"),
+    )
+    settings = props.get("default_generation_settings") or {}
+    return Model(
+        client,
+        None,
+        info,
+        context_length=settings.get("n_ctx"),
+        parallel=props.get("total_slots") or 1,
+        chat_template="reported by the server" if props.get("chat_template") else None,
+    )

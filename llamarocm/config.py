@@ -70,7 +70,11 @@ def _string_tuple(name: str, value: Any) -> Tuple[str, ...]:
 class GenerateConfig:
     """Sampling and limits for one ``generate()`` / ``chat()`` call.
 
-    ``None`` leaves a setting to the server's default. ``extra`` is merged into the
+    ``None`` leaves a setting to the server's default. ``json_schema`` (a JSON Schema
+    dict) or ``grammar`` (GBNF text) constrain the output through llama-server's
+    constrained decoding; ``logprobs=N`` fills each token's ``logprob`` and its ``N``
+    most likely alternatives (as the server reports them: before constraints and
+    sampling). ``extra`` is merged into the
     request body as-is (like openai's ``extra_body``), for server options this class
     does not name. ``timeout`` is the longest silence, in seconds, before the stream
     raises :class:`~llamarocm.StreamTimeoutError` and is cancelled.
@@ -87,6 +91,9 @@ class GenerateConfig:
     repeat_penalty: Optional[float] = None
     seed: Optional[int] = None
     stop: Tuple[str, ...] = ()
+    json_schema: Optional[Mapping[str, Any]] = None
+    grammar: Optional[str] = None
+    logprobs: Optional[int] = None
     timeout: float = DEFAULT_STREAM_TIMEOUT
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -103,6 +110,18 @@ class GenerateConfig:
         if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
         object.__setattr__(self, "stop", stop)
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, Mapping):
+                raise TypeError(f"json_schema must be a dict, not {type(self.json_schema).__name__}")
+            object.__setattr__(self, "json_schema", dict(self.json_schema))
+        if self.grammar is not None:
+            if not isinstance(self.grammar, str):
+                raise TypeError(f"grammar must be a str (GBNF), not {type(self.grammar).__name__}")
+            if not self.grammar.strip():
+                raise ValueError("grammar must not be empty")
+            if self.json_schema is not None:
+                raise ValueError("pass json_schema or grammar, not both")
+        _check_optional(_check_int, "logprobs", self.logprobs, 0, 20)
         _check_float("timeout", self.timeout, 0.0, exclusive_min=True)
         if not isinstance(self.extra, Mapping):
             raise TypeError(f"extra must be a mapping, not {type(self.extra).__name__}")
@@ -124,7 +143,7 @@ class GenerateConfig:
         return cls(**kwargs)
 
     def sampling_fields(self) -> dict:
-        """The fields llama-server's native and OpenAI endpoints both accept, set ones only."""
+        """The request fields for llama-server's native ``/completion``, set ones only."""
         body: dict = {}
         for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed"):
             value = getattr(self, name)
@@ -132,6 +151,12 @@ class GenerateConfig:
                 body[name] = value
         if self.stop:
             body["stop"] = list(self.stop)
+        if self.json_schema is not None:
+            body["json_schema"] = self.json_schema
+        if self.grammar is not None:
+            body["grammar"] = self.grammar
+        if self.logprobs:
+            body["n_probs"] = self.logprobs
         return body
 
 

@@ -21,13 +21,13 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .client import Client, ConnectionLost, EventStream
 from .config import GenerateConfig
-from .errors import LlamaRocmError, RequestError, ServerCrashedError
+from .errors import LlamaRocmError, OutputParseError, RequestError, ServerCrashedError
 
-__all__ = ["Model", "TokenStream", "Token", "GenerateMetrics"]
+__all__ = ["Model", "TokenStream", "Token", "TopLogprob", "GenerateMetrics"]
 
 log = logging.getLogger("llamarocm")
 
@@ -39,16 +39,27 @@ _CONSUMER_CHECK_INTERVAL = 1.0
 _CRASH_CONFIRM_SECONDS = 1.0
 
 
+class TopLogprob(NamedTuple):
+    """One of the most likely alternatives at a position (``logprobs=N``)."""
+
+    text: str
+    id: int
+    logprob: float
+
+
 class Token(NamedTuple):
-    """One generated token: its text and, where the server reports it, its id.
+    """One generated token: its text, id and, with ``logprobs=N``, its log-probability
+    and the ``N`` most likely alternatives.
 
     ``id`` is ``None`` only when the server leaves the ids out (llama-server's
-    native stream always carries them). A token that ends inside a multi-byte character has empty ``text``; the
-    character arrives whole with the next token.
+    native stream always carries them). A token that ends inside a multi-byte
+    character has empty ``text``; the character arrives whole with the next token.
     """
 
     text: str
     id: Optional[int] = None
+    logprob: Optional[float] = None
+    top_logprobs: Optional[Tuple[TopLogprob, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -101,10 +112,19 @@ class _StreamState:
 
 
 def _parse_completion_chunk(obj: Mapping[str, Any], out: List[Token], state: _StreamState) -> None:
-    """One event of the native ``/completion`` stream: text plus the token ids."""
+    """One event of the native ``/completion`` stream: text, token ids, log-probabilities."""
     content = obj.get("content") or ""
     ids = obj.get("tokens") or []
-    if len(ids) > 1:
+    probs = obj.get("completion_probabilities")
+    if probs and len(probs) == len(ids):
+        # With logprobs, build full tokens; the text stays on the last, as below.
+        last = len(ids) - 1
+        for i, (token_id, p) in enumerate(zip(ids, probs)):
+            tops = tuple(
+                TopLogprob(t.get("token", ""), t.get("id"), t.get("logprob")) for t in p.get("top_logprobs") or ()
+            )
+            out.append(Token(content if i == last else "", token_id, p.get("logprob"), tops))
+    elif len(ids) > 1:
         # Several tokens in one event (e.g. a held-back partial stop string): yield
         # each id so counts match the server's, the text on the last.
         out.extend(Token("", i) for i in ids[:-1])
@@ -288,6 +308,19 @@ class TokenStream:
         """Drain the stream and return the whole text."""
         return "".join(token.text for token in self)
 
+    def json(self) -> Any:
+        """Drain the stream and parse the text as JSON (use with ``json_schema=``).
+
+        Raises :class:`~llamarocm.OutputParseError` (a ``ValueError``) quoting the text
+        when it does not parse, e.g. because ``max_tokens`` cut it short.
+        """
+        text = self.text()
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            hint = " (the output was cut short by max_tokens)" if self.finish_reason == "length" else ""
+            raise OutputParseError(f"the output is not valid JSON{hint}: {exc}; output: {text[:500]!r}") from exc
+
     @property
     def error(self) -> Optional[BaseException]:
         """The error that ended this stream, if any."""
@@ -336,6 +369,7 @@ class Model:
         parallel: int = 1,
         chat_template: Optional[str] = None,
         no_chat_template_reason: Optional[str] = None,
+        embeddings: Optional[bool] = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -347,6 +381,8 @@ class Model:
         #: Where ``chat()``'s template comes from (e.g. "embedded in the GGUF file").
         self.chat_template = chat_template
         self._no_chat_template_reason = no_chat_template_reason
+        #: Whether the server computes embeddings (``None``: unknown, an attached server).
+        self.embeddings = embeddings
         self._lock = threading.Lock()
         self._last_error: Optional[BaseException] = None
         self._crashed: Optional[ServerCrashedError] = None
@@ -396,6 +432,53 @@ class Model:
         if not isinstance(prompt, str):
             raise RequestError(f"llama-server's /apply-template answered without a prompt: {rendered!r:.200}")
         return self._complete(prompt, cfg)
+
+    def map(
+        self,
+        prompts: Sequence[Any],
+        *,
+        max_workers: Optional[int] = None,
+        fail_fast: bool = False,
+        progress: Optional[Callable[[int, int], None]] = None,
+        **config: Any,
+    ) -> List[Any]:
+        """Run many prompts concurrently and return a :class:`~llamarocm.BatchResult`
+        per prompt, in input order.
+
+        A string prompt goes to :meth:`generate`, a message list to :meth:`chat`.
+        ``max_workers`` defaults to the server's slots (``parallel``). An item that
+        fails records its ``error`` and the rest go on, unless ``fail_fast``: then the
+        first error cancels what runs, skips what has not started, and is raised.
+        ``progress(done, total)`` is called from the calling thread.
+
+        >>> results = model.map(["Hi", "Hello"], max_tokens=8)  # doctest: +SKIP
+        >>> [r.text for r in results if r.ok]  # doctest: +SKIP
+        """
+        from .batch import run_batch
+
+        return run_batch(self, prompts, max_workers=max_workers, fail_fast=fail_fast, progress=progress, **config)
+
+    def embed(self, texts: Union[str, Sequence[str]]) -> List[List[float]]:
+        """Embedding vectors of ``texts``, one per text, in order.
+
+        The model must be loaded with ``embeddings=True`` (or be a server started
+        with ``--embeddings``).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(texts, bytes) or not isinstance(texts, Sequence) or not texts:
+            raise TypeError("texts must be a str or a non-empty list of str")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be a str, not {type(text).__name__}")
+        if self.embeddings is False:
+            raise ValueError("this model was loaded without embeddings=True")
+        self._check_usable()
+        answer = self._call(lambda: self.client.post_json("/v1/embeddings", {"input": list(texts)}))
+        data = sorted(answer.get("data") or [], key=lambda item: item.get("index", 0))
+        if len(data) != len(texts):
+            raise RequestError(f"llama-server returned {len(data)} embeddings for {len(texts)} texts")
+        return [list(item["embedding"]) for item in data]
 
     def tokenize(self, text: str) -> List[int]:
         """The model's token ids for ``text`` (no BOS added)."""
@@ -472,17 +555,39 @@ class Model:
         with self._lock:
             self._streams.discard(state)
 
+    def restart(self) -> None:
+        """Stop the server (if it still runs) and start it again with the same settings.
+
+        Open streams are cancelled; a crash recorded before is forgotten. Nothing ever
+        restarts on its own: this is the explicit way back after a
+        :class:`~llamarocm.ServerCrashedError`.
+        """
+        if self.server is None:
+            raise LlamaRocmError("this model is attached to a server it did not start: it cannot restart it")
+        if self._closed:
+            raise LlamaRocmError("this model is closed")
+        self._cancel_streams()
+        self.server.restart()
+        with self._lock:
+            self.client = self.server.client
+            self._crashed = None
+
+    def _cancel_streams(self, wait: float = 5.0) -> None:
+        with self._lock:
+            streams = list(self._streams)
+        for state in streams:
+            state.cancel()
+        deadline = time.monotonic() + wait
+        for state in streams:
+            state.done.wait(max(0.0, deadline - time.monotonic()))
+
     def close(self) -> None:
         """Cancel open streams, stop the server we started. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            streams = list(self._streams)
-        for state in streams:
-            state.cancel()
-        for state in streams:
-            state.done.wait(5.0)
+        self._cancel_streams()
         self.client.close()
         if self.server is not None:
             self.server.close()

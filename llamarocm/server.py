@@ -221,6 +221,15 @@ class Server:
         if self._process is not None:
             self._process.stop()
 
+    def restart(self) -> None:
+        """Stop the process and start a fresh one (new port, new API key)."""
+        if self._closed:
+            raise ServerStartError("this server was closed; start a new one")
+        self._teardown()
+        self.api_key = secrets.token_urlsafe(32)
+        self._env["LLAMA_API_KEY"] = self.api_key
+        self._start()
+
     def close(self) -> None:
         """Stop the server (TERM, up to 5 s, KILL, reap). Idempotent, thread-safe."""
         self._closed = True

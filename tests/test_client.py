@@ -119,7 +119,7 @@ def test_completion_stream_yields_tokens_ids_and_metrics(model):
     )
     responses.post(URL + "/completion", body=body, content_type="text/event-stream")
     stream = model.generate("Hi", max_tokens=4, temperature=0)
-    tokens = list(stream)
+    tokens = [(t.text, t.id) for t in stream]
     assert tokens == [("Hel", 10), ("", 11), ("", 12), ("lo é", 13)]
     assert stream.finish_reason == "length"
     m = stream.metrics
@@ -184,7 +184,7 @@ def test_chat_renders_then_streams_a_completion(model):
     )
     responses.post(URL + "/completion", body=body)
     stream = model.chat([{"role": "user", "content": "Hello"}], max_tokens=8)
-    assert list(stream) == [("Hi", 5), (" there", 6)]
+    assert [(t.text, t.id) for t in stream] == [("Hi", 5), (" there", 6)]
     assert stream.finish_reason == "stop"
     assert stream.metrics.prompt_tokens == 12 and stream.metrics.generated_tokens == 2
     assert json.loads(responses.calls[0].request.body) == {"messages": [{"role": "user", "content": "Hello"}]}
@@ -229,3 +229,29 @@ def test_tokenize_roundtrip_calls(model):
     assert model.detokenize([1, 2, 3]) == "abc"
     with pytest.raises(TypeError):
         model.detokenize("abc")
+
+
+@responses.activate
+def test_logprobs_fill_tokens(model):
+    probs = [{"id": 7, "token": "{", "logprob": -0.5, "top_logprobs": [{"id": 7, "token": "{", "logprob": -0.5},
+                                                                       {"id": 8, "token": "[", "logprob": -1.5}]}]
+    body = _sse({"content": "{", "tokens": [7], "stop": False, "completion_probabilities": probs},
+                {"content": "", "tokens": [], "stop": True, "stop_type": "eos"})
+    responses.post(URL + "/completion", body=body)
+    (token,) = list(model.generate("x", logprobs=2))
+    assert token.logprob == -0.5 and [t.id for t in token.top_logprobs] == [7, 8]
+    assert token.top_logprobs[1].text == "[" and token.top_logprobs[1].logprob == -1.5
+    assert json.loads(responses.calls[0].request.body)["n_probs"] == 2
+
+
+@responses.activate
+def test_json_output_parses_or_raises_a_typed_error(model):
+    done = {"content": "", "tokens": [], "stop": True, "stop_type": "eos"}
+    responses.post(URL + "/completion", body=_sse({"content": '{"a": 1}', "tokens": [1]}, done))
+    assert model.generate("x", json_schema={"type": "object"}).json() == {"a": 1}
+    assert json.loads(responses.calls[0].request.body)["json_schema"] == {"type": "object"}
+    cut = dict(done, stop_type="limit")
+    responses.replace(responses.POST, URL + "/completion", body=_sse({"content": '{"a": ', "tokens": [1]}, cut))
+    with pytest.raises(llamarocm.OutputParseError, match="cut short") as info:
+        model.generate("x", max_tokens=3).json()
+    assert isinstance(info.value, ValueError)

@@ -34,6 +34,12 @@ pytestmark = pytest.mark.timeout(10)
         ({"timeout": 0}, ValueError),
         ({"timeout": math.inf}, ValueError),
         ({"extra": ["n_probs"]}, TypeError),
+        ({"json_schema": "{}"}, TypeError),
+        ({"grammar": 5}, TypeError),
+        ({"grammar": " "}, ValueError),
+        ({"grammar": "root ::= \"a\"", "json_schema": {}}, ValueError),
+        ({"logprobs": 21}, ValueError),
+        ({"logprobs": 1.0}, TypeError),
         ({"extra": {1: 2}}, TypeError),
     ],
 )
