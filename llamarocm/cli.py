@@ -22,6 +22,7 @@ from ._default_model import default_model_path
 
 EXAMPLES = {
     "generate": 'llamarocm generate "Once upon a time" --max-tokens 64',
+    "chat": "llamarocm chat --model ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf",
     "models": "llamarocm models ~/models --recursive",
     "info": "llamarocm info ~/models/gemma-3-270m-q4_k_m.gguf --json",
     "setup": "llamarocm setup",
@@ -47,12 +48,7 @@ def _model_path(given: Optional[str]) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     path = _model_path(args.model)
     with llamarocm.load_model(path, server_path=args.server, context_length=args.context_length) as model:
-        options = {"max_tokens": args.max_tokens}
-        if args.temperature is not None:
-            options["temperature"] = args.temperature
-        if args.seed is not None:
-            options["seed"] = args.seed
-        with model.generate(args.prompt, **options) as stream:
+        with model.generate(args.prompt, max_tokens=args.max_tokens, **_sampling(args)) as stream:
             for token in stream:
                 sys.stdout.write(token.text)
                 sys.stdout.flush()
@@ -64,6 +60,69 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 f"{metrics.decode_tokens_per_second or 0:.1f} tok/s, finish: {stream.finish_reason}]"
             )
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    path = _model_path(args.model)
+    interactive = sys.stdin.isatty()
+    with llamarocm.load_model(path, server_path=args.server, context_length=args.context_length) as model:
+        if interactive:
+            _stderr("Type a message; /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
+        chat_loop(
+            model,
+            lambda: input("> " if interactive else ""),
+            sys.stdout,
+            system=args.system,
+            max_tokens=args.max_tokens,
+            **_sampling(args),
+        )
+    return 0
+
+
+def chat_loop(model: "llamarocm.Model", read_line, out, *, system: Optional[str] = None, **options) -> List[dict]:
+    """The REPL: read a line, stream the reply, keep the history; return the history.
+
+    ``/reset`` clears the history (keeping the system message), ``/exit`` or end of
+    input quits, Ctrl-C during a reply stops that reply only.
+    """
+    history: List[dict] = [{"role": "system", "content": system}] if system else []
+    kept = len(history)
+    while True:
+        try:
+            text = read_line().strip()
+        except (EOFError, KeyboardInterrupt):
+            return history
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return history
+        if text == "/reset":
+            del history[kept:]
+            continue
+        history.append({"role": "user", "content": text})
+        reply = []
+        stream = model.chat(history, **options)
+        try:
+            for token in stream:
+                reply.append(token.text)
+                out.write(token.text)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write(" [stopped]")
+        finally:
+            stream.close()
+        out.write("\n")
+        out.flush()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    options = {}
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.seed is not None:
+        options["seed"] = args.seed
+    return options
 
 
 def _size(n: Optional[int]) -> str:
@@ -202,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--context-length", type=int, metavar="N")
     gen.add_argument("-v", "--verbose", action="store_true", help="print metrics on stderr")
     gen.set_defaults(func=cmd_generate)
+
+    chat = add("chat", "Chat with a model in the terminal, keeping the conversation's history.")
+    chat.add_argument("--model", metavar="PATH", help="GGUF file (default: the embedded Gemma 3 270M)")
+    chat.add_argument("--system", metavar="TEXT", help="a system message to start with")
+    chat.add_argument("--max-tokens", type=int, default=256, metavar="N", help="longest reply (default 256)")
+    chat.add_argument("--temperature", type=float, metavar="T")
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("--context-length", type=int, metavar="N")
+    chat.set_defaults(func=cmd_chat)
 
     models = add("models", "List the GGUF models in FOLDER (default: the current folder).")
     models.add_argument("folder", nargs="?", default=".")

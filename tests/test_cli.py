@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from llamarocm.cli import main
+from llamarocm.cli import chat_loop, main
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,3 +84,25 @@ def test_info_on_junk_exits_1(tmp_path, capsys):
     junk.write_bytes(b"nope")
     assert main(["info", str(junk)]) == 1
     assert "GGUF" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_chat_command_answers_piped_input(model_path, server_binary):
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamarocm", "chat", "--model", model_path, "--server", server_binary,
+         "--max-tokens", "4", "--temperature", "0"],
+        input="Hello there\n/exit\n", capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+@pytest.mark.integration
+def test_chat_loop_keeps_history_and_resets(shared_model):
+    lines = iter(["Hello", "", "How are you?", "/reset", "Again", "/exit", "never read"])
+    out = io.StringIO()
+    history = chat_loop(shared_model, lambda: next(lines), out, system="Be brief.", max_tokens=3, temperature=0)
+    assert [m["role"] for m in history] == ["system", "user", "assistant"]
+    assert history[1]["content"] == "Again"
+    assert history[2]["content"] and history[2]["content"] in out.getvalue()
+    assert next(lines) == "never read"
