@@ -11,6 +11,7 @@ is gone so it frees the slot).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from typing import Any, Dict, Iterator, List, Optional
@@ -157,6 +158,7 @@ class EventStream:
         self._sock: Optional[socket.socket] = None
         self._resp: Optional[requests.Response] = None
         self.cancelled = False
+        self._owner_pid = os.getpid()
 
     def _open(self, session: requests.Session, url: str, body: Dict[str, Any]) -> None:
         try:
@@ -216,6 +218,10 @@ class EventStream:
         self._shutdown()
 
     def _shutdown(self) -> None:
+        if os.getpid() != self._owner_pid:
+            # shutdown() acts on the connection itself, which a forked child shares with
+            # its parent: it would cut the parent's stream.
+            return
         with self._lock:
             sock = self._sock
         if sock is not None:

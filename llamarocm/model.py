@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -388,6 +389,7 @@ class Model:
         self._crashed: Optional[ServerCrashedError] = None
         self._closed = False
         self._streams: "weakref.WeakSet[_StreamState]" = weakref.WeakSet()
+        self._owner_pid = os.getpid()
 
     # -- requests ----------------------------------------------------------------
 
@@ -512,6 +514,12 @@ class Model:
     def _check_usable(self) -> None:
         if self._closed:
             raise LlamaRocmError("this model is closed")
+        if os.getpid() != self._owner_pid:
+            # After os.fork() the child shares the parent's server, sockets and key; using
+            # them from two processes would interleave requests on one connection pool.
+            raise LlamaRocmError(
+                f"this model belongs to process {self._owner_pid}; after fork, load a new model in the child"
+            )
         with self._lock:
             crashed = self._crashed
         if crashed is None and self.server is not None and not self.server.alive():
@@ -587,6 +595,10 @@ class Model:
             if self._closed:
                 return
             self._closed = True
+        if os.getpid() != self._owner_pid:
+            # A forked child must not shut down sockets it shares with the parent (that
+            # would cancel the parent's streams) nor stop the parent's server.
+            return
         self._cancel_streams()
         self.client.close()
         if self.server is not None:

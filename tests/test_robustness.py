@@ -1,0 +1,165 @@
+"""Faults on the real server: stalls, interrupts, forks, bad starts, taken ports."""
+
+from __future__ import annotations
+
+import _thread
+import os
+import shutil
+import signal
+import socket
+import threading
+
+import pytest
+
+import llamarocm
+from llamarocm import server as server_module
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+GREEDY = {"temperature": 0.0, "top_k": 1}
+LONG = {"max_tokens": 600, "extra": {"ignore_eos": True}}
+
+
+def _idle(model, timeout=5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(slot.get("is_processing") for slot in model.client.slots()):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture(scope="module")
+def model(model_path, server_binary):
+    with llamarocm.load_model(model_path, context_length=512, server_path=server_binary) as m:
+        yield m
+
+
+def test_a_stalled_server_times_out_and_the_stream_is_cancelled(model):
+    stream = model.generate("Once upon a time", timeout=1.0, **LONG, **GREEDY)
+    next(stream)
+    os.kill(model.server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(llamarocm.StreamTimeoutError) as info:
+            list(stream)
+        assert isinstance(info.value, TimeoutError)
+    finally:
+        os.kill(model.server.pid, signal.SIGCONT)
+    assert stream.error is info.value
+    assert _idle(model), "the timed-out request kept its slot"
+
+
+def test_ctrl_c_while_waiting_for_a_token_cancels(model):
+    stream = model.generate("Once upon a time", **LONG, **GREEDY)
+    next(stream)
+
+    def interrupted(*args, **kwargs):
+        # Where Ctrl-C lands nearly always: the consumer blocked on the next token.
+        raise KeyboardInterrupt
+
+    stream._state.queue.get = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        next(stream)
+    assert stream.finish_reason == "cancelled"
+    assert _idle(model)
+
+
+def test_ctrl_c_in_a_loop_over_a_temporary_stream_cancels(model):
+    def consume():
+        for i, _ in enumerate(model.generate("Once upon a time", **LONG, **GREEDY)):
+            if i == 2:
+                _thread.interrupt_main()
+                for _ in range(10**6):  # the interrupt lands here, in the user's code
+                    pass
+
+    with pytest.raises(KeyboardInterrupt):
+        consume()
+    # The stream was only referenced by the unwound loop: collecting it cancelled it.
+    assert _idle(model)
+
+
+def test_fork_child_neither_uses_nor_stops_the_parents_server(model):
+    stream = model.generate("Once upon a time", max_tokens=40, **GREEDY)
+    next(stream)
+    pid = os.fork()
+    if pid == 0:  # the child: every use must be refused, close must not touch the parent's
+        code = 0
+        try:
+            model.generate("x")
+            code = 3
+        except llamarocm.LlamaRocmError:
+            pass
+        try:
+            model.close()
+            stream.close()
+        except BaseException:
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert model.server.alive()
+    rest = list(stream)  # the parent's stream was not cancelled by the child
+    assert stream.finish_reason == "length" and len(rest) == 39
+    assert model.generate("1, 2,", max_tokens=2, **GREEDY).text()
+
+
+def test_progress_is_reported_while_loading(model_path, server_binary):
+    calls = []
+    with llamarocm.load_model(model_path, context_length=256, server_path=server_binary,
+                              progress=lambda f, m: calls.append((f, m))):
+        pass
+    assert calls[-1] == (1.0, "ready")
+    fractions = [f for f, _ in calls]
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+
+
+def test_a_bad_flag_fails_the_start_with_the_servers_words(model_path, server_binary):
+    with pytest.raises(llamarocm.ServerStartError) as info:
+        llamarocm.load_model(model_path, server_path=server_binary, extra_args=["--no-such-flag"])
+    assert "no-such-flag" in info.value.stderr_tail
+    assert info.value.returncode not in (None, 0)
+
+
+def test_a_missing_shared_library_fails_the_start(model_path, server_binary, tmp_path):
+    lonely = tmp_path / "llama-server"
+    shutil.copy(server_binary, lonely)  # without the libraries beside it
+    with pytest.raises(llamarocm.ServerStartError) as info:
+        llamarocm.load_model(model_path, server_path=str(lonely))
+    assert "shared librar" in info.value.stderr_tail
+
+
+def test_a_port_taken_before_the_server_binds_is_retried(model_path, server_binary, monkeypatch):
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    ports = iter([taken])
+    real = server_module._free_port
+    monkeypatch.setattr(server_module, "_free_port", lambda: next(ports, None) or real())
+    try:
+        with llamarocm.load_model(model_path, context_length=256, server_path=server_binary) as m:
+            assert m.server.port != taken
+            assert m.generate("1, 2,", max_tokens=2, **GREEDY).text()
+    finally:
+        squatter.close()
+
+
+def test_one_failing_stream_leaves_the_others_alone(model):
+    results, errors = {}, {}
+
+    def run(name, prompt):
+        try:
+            results[name] = model.generate(prompt, max_tokens=8, **GREEDY).text()
+        except llamarocm.LlamaRocmError as exc:
+            errors[name] = exc
+
+    threads = [threading.Thread(target=run, args=("good", "1, 2, 3,")),
+               threading.Thread(target=run, args=("bad", "word " * 3000))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results["good"] and "good" not in errors
+    assert isinstance(errors["bad"], llamarocm.ContextLengthError)
