@@ -82,10 +82,24 @@ class _Spawner:
             requests = self._requests
         done: "queue.SimpleQueue" = queue.SimpleQueue()
         requests.put((list(argv), env, done))
-        ok, value = done.get()
+        try:
+            ok, value = done.get()
+        except BaseException:
+            # Ctrl-C while the spawner works: the child may be starting; the spawner
+            # always answers within milliseconds, so take its answer and stop the child.
+            ok, value = done.get()
+            if ok:
+                _stop(value, os.getpid(), 0.0)
+            raise
         if ok:
             return value
         raise value
+
+    def reset_after_fork(self) -> None:
+        # The lock may have been held by another thread at fork time; that thread does
+        # not exist in the child, so the lock would never be released there.
+        self._lock = threading.Lock()
+        self._requests = None
 
     @staticmethod
     def _serve(requests: "queue.SimpleQueue") -> None:
@@ -108,6 +122,8 @@ class _Spawner:
 
 
 _spawner = _Spawner()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_spawner.reset_after_fork)
 
 
 def _stop(proc: subprocess.Popen, owner_pid: int, grace: float) -> Optional[int]:

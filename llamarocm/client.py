@@ -1,25 +1,33 @@
 """HTTP to one llama-server: health, props, slots, tokenize, and streaming POSTs.
 
 Knows endpoints and JSON; knows nothing of processes or of tokens as objects. One
-:class:`Client` may be shared by many threads: each call takes its own pooled
-connection, and each stream its own socket, which :meth:`EventStream.cancel` shuts
-down from any thread (closing a ``requests`` response from another thread does not
-wake a blocked read; shutting the socket down does, and tells the server the client
-is gone so it frees the slot).
+:class:`Client` may be shared by many threads.
+
+Plain calls go through a ``requests.Session`` that ignores proxy variables and
+``.netrc`` (``trust_env=False``: they must never redirect or decorate loopback
+traffic) and never reuses a connection: llama-server closes idle keep-alive
+connections, and a request sent on one that it just closed fails with no way to know
+whether it arrived. A loopback connect costs a few microseconds.
+
+Each stream has a connection of its own, opened with ``http.client`` so that its
+socket is known *before* the request is sent: :meth:`EventStream.cancel` shuts it down
+from any thread at any moment, including while the server still evaluates the prompt
+(requests only reveals a socket once response headers arrive, and closing a
+response from another thread does not wake a blocked read). The shutdown also tells
+the server the client is gone, so it frees the slot.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
 import threading
 from typing import Any, Dict, Iterator, List, Optional
+from urllib.parse import urlsplit
 
 import requests
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from ._sse import ServerSentEvent, SSEDecoder
 from .errors import RequestError, StreamTimeoutError, error_from_response
@@ -35,18 +43,6 @@ class ConnectionLost(RequestError):
     """The connection broke mid-request; the caller decides whether the server died."""
 
 
-def _session(api_key: Optional[str], pool_size: int, retry: Retry) -> requests.Session:
-    session = requests.Session()
-    # Proxy variables and .netrc must never redirect or decorate loopback traffic.
-    session.trust_env = False
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    if api_key:
-        session.headers["Authorization"] = f"Bearer {api_key}"
-    return session
-
-
 class Client:
     """Talks to ``base_url`` with ``api_key`` as a bearer token.
 
@@ -55,23 +51,23 @@ class Client:
     'ok'
     """
 
-    def __init__(self, base_url: str, api_key: Optional[str] = None, *, pool_size: int = 16) -> None:
+    def __init__(self, base_url: str, api_key: Optional[str] = None) -> None:
         self.base_url = base_url.rstrip("/")
-        # Plain calls (props, slots, tokenize...) are free of side effects, so one
-        # retry is safe; it absorbs a pooled keep-alive connection that the server
-        # closed while it sat idle.
-        self._session = _session(api_key, pool_size, Retry(
-            total=1, connect=0, read=1, status=0, other=0, allowed_methods=None, raise_on_status=False
-        ))
-        # Streams are never re-sent once they may have reached the server, and each
-        # gets a connection of its own ("Connection: close"), never pooled, whose
-        # socket cancel() can shut down without touching anyone else's request.
-        # Health probes use it too: a refused probe is an answer, not a fault to retry.
-        self._once_session = _session(api_key, pool_size, Retry(0, read=False))
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self._scheme, self._host = parts.scheme, parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._prefix = parts.path.rstrip("/")
+        self._headers = {"Connection": "close"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._session = requests.Session()
+        self._session.trust_env = False
+        self._session.headers.update(self._headers)
 
     def close(self) -> None:
         self._session.close()
-        self._once_session.close()
 
     # -- plain calls -------------------------------------------------------------
 
@@ -79,9 +75,7 @@ class Client:
         """The server's status: ``"ok"``, ``"loading"``, another word, or ``None`` when
         nothing answers on the port yet."""
         try:
-            resp = self._once_session.get(
-                self.base_url + "/health", timeout=(timeout, timeout), headers={"Connection": "close"}
-            )
+            resp = self._session.get(self.base_url + "/health", timeout=(timeout, timeout))
         except requests.RequestException:
             return None
         if resp.status_code == 200:
@@ -103,9 +97,14 @@ class Client:
         return self.get_json("/slots")
 
     def _call(self, method: str, path: str, body: Optional[Dict[str, Any]], timeout: float) -> Any:
+        data = None if body is None else _encode(body)
         try:
             resp = self._session.request(
-                method, self.base_url + path, json=body, timeout=(CONNECT_TIMEOUT, timeout)
+                method,
+                self.base_url + path,
+                data=data,
+                headers={"Content-Type": "application/json"} if data is not None else None,
+                timeout=(CONNECT_TIMEOUT, timeout),
             )
         except requests.Timeout as exc:
             raise StreamTimeoutError(f"{method} {path}: no answer within {timeout} s") from exc
@@ -122,69 +121,82 @@ class Client:
 
     # -- streams -----------------------------------------------------------------
 
-    def open_stream(self, path: str, body: Dict[str, Any], idle_timeout: float) -> "EventStream":
-        """POST ``body`` and return the response's events, or raise the HTTP error.
+    def stream(self, path: str, body: Dict[str, Any], idle_timeout: float) -> "EventStream":
+        """An unopened stream: :meth:`EventStream.open` POSTs ``body`` (in the reader
+        thread), after which iterating yields the response's events.
 
         ``idle_timeout`` bounds every wait for data, the wait for the first byte
         included (that one covers the server's prompt evaluation).
         """
-        stream = EventStream(path, idle_timeout)
-        stream._open(self._once_session, self.base_url + path, body)
-        return stream
+        connection_class = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        conn = connection_class(self._host, self._port, timeout=CONNECT_TIMEOUT)
+        return EventStream(conn, self._prefix + path, _encode(body), dict(self._headers), idle_timeout)
 
 
-def _socket_of(resp: requests.Response) -> Optional[socket.socket]:
-    """The socket under a streaming response, for shutting it down from another thread.
-
-    With "Connection: close", http.client hands the socket over to the response and
-    forgets it on the connection, so look on the response's file first.
-    """
-    fp = getattr(resp.raw, "_fp", None)  # http.client.HTTPResponse
-    sock = getattr(getattr(getattr(fp, "fp", None), "raw", None), "_sock", None)  # BufferedReader -> SocketIO
-    if isinstance(sock, socket.socket):
-        return sock
-    conn = getattr(resp.raw, "connection", None)
-    sock = getattr(conn, "sock", None)
-    return sock if isinstance(sock, socket.socket) else None
+def _encode(body: Dict[str, Any]) -> bytes:
+    try:
+        # allow_nan=False: NaN is not JSON, and llama-server would refuse the request.
+        return json.dumps(body, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the request cannot be sent as JSON: {exc}") from exc
 
 
 class EventStream:
     """The SSE events of one streaming response; cancellable from any thread."""
 
-    def __init__(self, path: str, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        conn: http.client.HTTPConnection,
+        path: str,
+        data: bytes,
+        headers: Dict[str, str],
+        idle_timeout: float,
+    ) -> None:
         self.path = path
         self.idle_timeout = idle_timeout
+        self.cancelled = False
+        self._conn = conn
+        self._data = data
+        self._headers = headers
         self._lock = threading.Lock()
         self._sock: Optional[socket.socket] = None
-        self._resp: Optional[requests.Response] = None
-        self.cancelled = False
+        self._resp: Optional[http.client.HTTPResponse] = None
         self._owner_pid = os.getpid()
 
-    def _open(self, session: requests.Session, url: str, body: Dict[str, Any]) -> None:
+    def open(self) -> None:
+        """Connect, send the request and read the response headers (raising HTTP errors)."""
         try:
-            resp = session.post(
-                url,
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json", "Accept": "text/event-stream", "Connection": "close"},
-                stream=True,
-                timeout=(CONNECT_TIMEOUT, self.idle_timeout),
-            )
-        except requests.Timeout as exc:
-            raise StreamTimeoutError(
-                f"POST {self.path}: no answer within {self.idle_timeout} s", None
-            ) from exc
-        except requests.RequestException as exc:
+            self._conn.connect()
+        except OSError as exc:
             raise ConnectionLost(f"POST {self.path}: connection failed: {exc}") from exc
-        if resp.status_code >= 400:
-            text = resp.text
-            resp.close()
-            raise error_from_response(resp.status_code, text)
         with self._lock:
-            self._resp = resp
-            self._sock = _socket_of(resp)
+            self._sock = self._conn.sock
             cancelled = self.cancelled
-        if cancelled:  # cancel() came while we waited for the headers
+        if cancelled:
             self._shutdown()
+            return
+        try:
+            self._sock.settimeout(self.idle_timeout)
+            self._conn.request(
+                "POST",
+                self.path,
+                body=self._data,
+                headers={**self._headers, "Content-Type": "application/json", "Accept": "text/event-stream"},
+            )
+            resp = self._conn.getresponse()
+        except socket.timeout as exc:
+            if self.cancelled:
+                return
+            raise StreamTimeoutError(f"POST {self.path}: no answer within {self.idle_timeout} s") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            if self.cancelled:
+                return
+            raise ConnectionLost(f"POST {self.path}: connection lost: {exc}") from exc
+        if resp.status >= 400:
+            text = resp.read().decode("utf-8", "replace")
+            resp.close()
+            raise error_from_response(resp.status, text)
+        self._resp = resp
 
     def __iter__(self) -> Iterator[List[ServerSentEvent]]:
         """Yield the events of each network read, as a list (often of one)."""
@@ -192,21 +204,27 @@ class EventStream:
         if resp is None:
             return
         decoder = SSEDecoder()
+        read1 = resp.read1
         try:
-            for chunk in resp.raw.stream(READ_SIZE, decode_content=False):
+            while True:
+                # read1 returns what one read of the socket brings (at most READ_SIZE),
+                # without waiting to fill the buffer: tokens arrive as they are sent.
+                chunk = read1(READ_SIZE)
+                if not chunk:
+                    break
                 events = decoder.feed(chunk)
                 if events:
                     yield events
             tail = decoder.flush()
             if tail:
                 yield tail
-        except urllib3.exceptions.ReadTimeoutError as exc:
+        except socket.timeout as exc:
             if self.cancelled:
                 return
             raise StreamTimeoutError(
                 f"POST {self.path}: no data from llama-server for {self.idle_timeout} s"
             ) from exc
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError, ValueError) as exc:
+        except (OSError, http.client.HTTPException, ValueError) as exc:
             if self.cancelled:
                 return
             raise ConnectionLost(f"POST {self.path}: connection lost: {exc}") from exc
@@ -228,11 +246,13 @@ class EventStream:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
-                pass  # already closed
+                pass  # not connected, or already closed
 
     def close(self) -> None:
-        """Release the connection (never back to the pool unless fully read)."""
-        with self._lock:
-            resp, self._resp = self._resp, None
+        """Release the connection."""
+        if os.getpid() != self._owner_pid:
+            return
+        resp, self._resp = self._resp, None
         if resp is not None:
             resp.close()
+        self._conn.close()

@@ -7,12 +7,31 @@ process is spawned or a request is sent.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = ["GenerateConfig", "LoadConfig"]
+
+# Fields the stream itself sets and reads back; overriding one would break it.
+_RESERVED_FIELDS = frozenset({"prompt", "stream", "return_tokens", "messages"})
+
+# Server flags llamarocm sets itself; llama-server lets the last one win, so one of
+# these in extra_args would silently undo a guarantee (loopback only, our key, ...).
+_MANAGED_FLAGS = {
+    "--host": "the server listens on 127.0.0.1 only",
+    "--port": "the port is chosen (and retried) by llamarocm",
+    "-m": "pass the model as load_model's path",
+    "--model": "pass the model as load_model's path",
+    "--api-key": "each server gets a fresh key from llamarocm",
+    "--api-key-file": "each server gets a fresh key from llamarocm",
+    "-c": "use context_length= (per slot)",
+    "--ctx-size": "use context_length= (per slot)",
+    "-np": "use parallel=",
+    "--parallel": "use parallel=",
+}
 
 #: Generous default for ``timeout=``: a stream that sends nothing for this long is dead.
 DEFAULT_STREAM_TIMEOUT = 300.0
@@ -128,6 +147,12 @@ class GenerateConfig:
         for key in self.extra:
             if not isinstance(key, str):
                 raise TypeError("extra's keys must be strings")
+            if key in _RESERVED_FIELDS:
+                raise ValueError(f"extra must not set {key!r}: the stream depends on it")
+        try:
+            json.dumps(self.extra, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"extra must be plain JSON (no NaN, no objects): {exc}") from None
         object.__setattr__(self, "extra", dict(self.extra))
 
     @classmethod
@@ -212,4 +237,9 @@ class LoadConfig:
                 raise TypeError("server_path must be a str or os.PathLike")
             object.__setattr__(self, "server_path", os.fspath(self.server_path))
         _check_float("startup_timeout", self.startup_timeout, 0.0, exclusive_min=True)
-        object.__setattr__(self, "extra_args", _string_tuple("extra_args", self.extra_args))
+        extra_args = _string_tuple("extra_args", self.extra_args)
+        for arg in extra_args:
+            flag = arg.split("=", 1)[0]
+            if flag in _MANAGED_FLAGS:
+                raise ValueError(f"extra_args must not contain {flag}: {_MANAGED_FLAGS[flag]}")
+        object.__setattr__(self, "extra_args", extra_args)

@@ -145,18 +145,13 @@ _Parser = Callable[[Mapping[str, Any], List[Token], _StreamState], None]
 
 def _read(
     state: _StreamState,
-    client: Client,
-    path: str,
-    body: Dict[str, Any],
-    idle_timeout: float,
+    events: EventStream,
     parse: _Parser,
     crash_check: Callable[[], Optional[ServerCrashedError]],
 ) -> None:
     """The reader thread: request, decode, hand tokens over; always ends with _END."""
-    events: Optional[EventStream] = None
     try:
-        events = client.open_stream(path, body, idle_timeout)
-        state.attach(events)
+        events.open()
         for batch in events:
             tokens: List[Token] = []
             try:
@@ -180,28 +175,28 @@ def _read(
                         state.first_token_at = time.monotonic()
                     state.generated += len(tokens)
                     state.queue.put(tokens)
-        if state.cancel_requested:
-            state.finish_reason = "cancelled"
-        elif state.finish_reason is None:
-            crashed = crash_check()
-            if crashed is not None:
-                raise crashed
-            raise RequestError("llama-server ended the stream without finishing it")
+        if state.finish_reason is None:  # a close() after the final event changes nothing
+            if state.cancel_requested:
+                state.finish_reason = "cancelled"
+            else:
+                crashed = crash_check()
+                if crashed is not None:
+                    raise crashed
+                raise RequestError("llama-server ended the stream without finishing it")
     except ConnectionLost as exc:
         if state.cancel_requested:
-            state.finish_reason = "cancelled"
+            state.finish_reason = state.finish_reason or "cancelled"
         else:
             state.error = crash_check() or exc
     except BaseException as exc:  # handed to the consumer, never printed by the thread
         if state.cancel_requested and isinstance(exc, RequestError) and exc.status is None:
-            state.finish_reason = "cancelled"
+            state.finish_reason = state.finish_reason or "cancelled"
         else:
             if isinstance(exc, RequestError) and exc.status is None and not isinstance(exc, ServerCrashedError):
                 exc = crash_check() or exc
             state.error = exc
     finally:
-        if events is not None:
-            events.close()
+        events.close()
         state.ended_at = time.monotonic()
         state.done.set()
         state.queue.put(_END)
@@ -237,9 +232,14 @@ class TokenStream:
         self._buffer: List[Token] = []
         self._index = 0
         self._finished = False
+        # Built here, not in the reader: a body that cannot be sent raises in the caller.
+        events = model.client.stream(path, body, config.timeout)
+        # Attached before it is sent, so a cancel during the prompt's evaluation (or
+        # while queued for a slot) shuts the socket down at once.
+        self._state.attach(events)
         self._thread = threading.Thread(
             target=_read,
-            args=(self._state, model.client, path, body, config.timeout, parse, model._crash_error),
+            args=(self._state, events, parse, model._crash_error),
             name="llamarocm-stream",
             daemon=True,
         )
@@ -293,11 +293,14 @@ class TokenStream:
 
         Idempotent; callable from any thread. Tokens already received are dropped.
         """
+        if os.getpid() != self._model._owner_pid:
+            return  # a forked child has no reader thread, and must not cut the parent's stream
         self._state.cancel()
         self._finalizer.detach()
         if self._thread is not threading.current_thread():
             self._state.done.wait(10.0)
-        self._model._unregister(self._state)
+        if self._state.done.is_set():  # else Model.close() still waits for this reader
+            self._model._unregister(self._state)
 
     def __enter__(self) -> "TokenStream":
         return self
@@ -599,10 +602,15 @@ class Model:
             # A forked child must not shut down sockets it shares with the parent (that
             # would cancel the parent's streams) nor stop the parent's server.
             return
-        self._cancel_streams()
-        self.client.close()
-        if self.server is not None:
-            self.server.close()
+        try:
+            self._cancel_streams()
+        finally:
+            # Even if interrupted above, the server must not outlive a closed model.
+            try:
+                self.client.close()
+            finally:
+                if self.server is not None:
+                    self.server.close()
 
     def __enter__(self) -> "Model":
         return self
@@ -629,4 +637,8 @@ def _check_messages(messages: Any) -> List[Dict[str, Any]]:
         if not isinstance(content, str):
             raise TypeError(f"messages[{i}]['content'] must be a str")
         checked.append(dict(message))
+    try:
+        json.dumps(checked, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"messages must be plain JSON (no NaN, no objects): {exc}") from None
     return checked

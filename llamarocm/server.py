@@ -20,7 +20,7 @@ from ._binaries import SOURCE_BUILD_REQUIREMENT, Binary, find_binary
 from ._process import ManagedProcess
 from .client import Client, ConnectionLost
 from .devices import device_environment
-from .errors import RequestError, ServerStartError
+from .errors import GGUFError, ModelNotFoundError, RequestError, ServerStartError
 
 __all__ = ["Server"]
 
@@ -64,6 +64,19 @@ def _read_progress(pid: int) -> "tuple[int, int]":
     return read, rss
 
 
+def _check_model_file(path: str) -> None:
+    """Refuse a missing file or one that does not start like GGUF, before spawning."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"model file not found: {path}") from None
+    except IsADirectoryError:
+        raise ModelNotFoundError(f"model path is a directory: {path}") from None
+    if magic != b"GGUF":
+        raise GGUFError(f"not a GGUF file (magic {magic!r}): {path}")
+
+
 class Server:
     """Owns one ``llama-server`` process serving ``model_path`` on a loopback port.
 
@@ -91,7 +104,10 @@ class Server:
         progress: Optional[ProgressCallback] = None,
         env: Optional[Dict[str, str]] = None,
     ) -> None:
-        self.model_path = os.fspath(model_path)
+        self.model_path = os.path.abspath(os.fspath(model_path))
+        _check_model_file(self.model_path)
+        if isinstance(startup_timeout, bool) or not isinstance(startup_timeout, (int, float)) or startup_timeout <= 0:
+            raise ValueError(f"startup_timeout must be a positive number of seconds, got {startup_timeout!r}")
         self.binary: Binary = find_binary("server", server_path)
         self._args = list(args)
         self._startup_timeout = startup_timeout
@@ -164,12 +180,16 @@ class Server:
             if status == "ok":
                 try:
                     self.props = client.props()
+                    served = self.props.get("model_path")
+                    if served and os.path.abspath(served) != self.model_path:
+                        raise RequestError(f"it serves {served}")
                 except (ConnectionLost, RequestError) as exc:
-                    # Something answers /health but refuses our key: not our server.
+                    # Something answers /health but refuses our key or serves another
+                    # model: not our server (the port was taken in the race).
                     if proc.returncode is not None:
                         raise self._start_failure(proc.returncode) from exc
                     raise ServerStartError(
-                        f"a server on port {self.port} answered /health but refused our key: {exc}"
+                        f"a server on port {self.port} answered /health but is not ours: {exc}"
                     ) from exc
                 if self._progress is not None:
                     self._progress(1.0, "ready")

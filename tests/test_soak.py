@@ -1,0 +1,90 @@
+"""A bounded soak: 16 threads x 25 requests on one model with 4 slots, a quarter of
+them cancelled at random points, and the server SIGKILLed near the end.
+
+Afterwards every request has either finished or raised a typed error, no thread is
+stuck, threads and file descriptors are back where they started, and no llama-server
+is left. The figures are printed (``-s``) for docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+import llamarocm
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+THREADS, PER_THREAD = 16, 25
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_soak(model_path, server_binary):
+    from conftest import llama_server_pids
+
+    before_servers = llama_server_pids()
+    threads_before, fds_before = threading.active_count(), _fds()
+    rng = random.Random(20261127)
+    plans = [[(rng.random() < 0.25, rng.randint(0, 5)) for _ in range(PER_THREAD)] for _ in range(THREADS)]
+    total = THREADS * PER_THREAD
+    crash_after = int(total * 0.9)
+    counts = {"finished": 0, "cancelled": 0, "crashed": 0, "other_typed": 0, "tokens": 0}
+    untyped = []
+    lock = threading.Lock()
+    done = threading.Semaphore(0)
+    started = time.monotonic()
+
+    with llamarocm.load_model(model_path, parallel=4, context_length=256, server_path=server_binary) as model:
+        server_pid = model.server.pid
+
+        def worker(plan):
+            for cancel, at in plan:
+                outcome, tokens = "finished", 0
+                try:
+                    with model.generate("Once upon a time", max_tokens=6, temperature=0.0) as stream:
+                        for i, _ in enumerate(stream):
+                            tokens += 1
+                            if cancel and i >= at:
+                                stream.close()
+                    if stream.finish_reason == "cancelled":
+                        outcome = "cancelled"
+                except llamarocm.ServerCrashedError:
+                    outcome = "crashed"
+                except llamarocm.LlamaRocmError:
+                    outcome = "other_typed"
+                except BaseException as exc:  # anything untyped fails the test below
+                    untyped.append(exc)
+                    outcome = "untyped"
+                with lock:
+                    counts[outcome] = counts.get(outcome, 0) + 1
+                    counts["tokens"] += tokens
+                done.release()
+
+        workers = [threading.Thread(target=worker, args=(plan,), name=f"soak-{i}") for i, plan in enumerate(plans)]
+        for w in workers:
+            w.start()
+        for _ in range(crash_after):
+            assert done.acquire(timeout=120), "no request finished for 2 minutes: deadlock?"
+        os.kill(server_pid, signal.SIGKILL)
+        for w in workers:
+            w.join(120)
+            assert not w.is_alive(), f"{w.name} is stuck"
+    elapsed = time.monotonic() - started
+
+    assert not untyped, f"untyped errors: {untyped[:3]}"
+    accounted = counts["finished"] + counts["cancelled"] + counts["crashed"] + counts["other_typed"]
+    assert accounted == total
+    assert counts["crashed"] >= 1 and counts["cancelled"] >= 1 and counts["finished"] >= total // 2
+    assert threading.active_count() == threads_before, threading.enumerate()
+    assert _fds() <= fds_before, "file descriptors leaked"
+    assert llama_server_pids() == before_servers
+    print(f"\nsoak: {total} requests in {elapsed:.1f} s: {counts}; threads {threads_before} -> "
+          f"{threading.active_count()}, fds {fds_before} -> {_fds()}")
