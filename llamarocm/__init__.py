@@ -13,6 +13,7 @@ import logging
 from .backend import connect, load_model
 from .batch import BatchResult
 from .config import GenerateConfig, LoadConfig
+from .devices import GPUDevice, VRAMInfo, check_fits, list_devices, vram_info
 from .errors import (
     ContextLengthError,
     DeviceError,
@@ -28,6 +29,7 @@ from .errors import (
 )
 from .gguf import GGUFMetadata, ModelInfo, discover_models, read_metadata
 from .model import GenerateMetrics, Model, Token, TokenStream, TopLogprob
+from .rpc import RpcWorker
 from .server import Server
 
 __version__ = "0.1.0"
@@ -43,6 +45,12 @@ __all__ = [
     "GenerateMetrics",
     "BatchResult",
     "Server",
+    "RpcWorker",
+    "vram_info",
+    "list_devices",
+    "check_fits",
+    "VRAMInfo",
+    "GPUDevice",
     "GenerateConfig",
     "LoadConfig",
     "read_metadata",

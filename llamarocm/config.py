@@ -211,6 +211,7 @@ class LoadConfig:
     server_path: Optional[Union[str, "os.PathLike[str]"]] = None
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
     extra_args: Tuple[str, ...] = ()
+    rpc: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_path, (str, os.PathLike)):
@@ -243,3 +244,9 @@ class LoadConfig:
             if flag in _MANAGED_FLAGS:
                 raise ValueError(f"extra_args must not contain {flag}: {_MANAGED_FLAGS[flag]}")
         object.__setattr__(self, "extra_args", extra_args)
+        rpc = _string_tuple("rpc", self.rpc)
+        for address in rpc:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"rpc addresses must be 'host:port', got {address!r}")
+        object.__setattr__(self, "rpc", rpc)

@@ -4,9 +4,10 @@ The tree::
 
     LlamaRocmError                      base of everything raised on purpose
     ├── ServerNotFoundError             no llama-server binary where we looked
-    ├── ServerStartError                the server did not become ready: it exited,
-    │                                   timed out, crashed on an unsupported CPU
-    │                                   (SIGILL) or kept losing its port; carries
+    ├── ServerStartError                the server (or an RPC worker) did not become
+    │                                   ready: it exited, timed out, crashed on an
+    │                                   unsupported CPU (SIGILL), kept losing its port,
+    │                                   or an RPC worker is unreachable; carries
     │                                   ``stderr_tail``
     ├── ServerCrashedError              the server died after it was ready
     ├── RequestError                    the server refused or broke one request;
@@ -65,7 +66,7 @@ class _WithStderr(LlamaRocmError):
         self.stderr_tail = stderr_tail
         self.returncode = returncode
         if stderr_tail:
-            message = f"{message}\n--- llama-server stderr (last lines) ---\n{stderr_tail.rstrip()}"
+            message = f"{message}\n--- its log (last lines) ---\n{stderr_tail.rstrip()}"
         super().__init__(message)
 
 

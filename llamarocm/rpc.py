@@ -31,7 +31,7 @@ import time
 import warnings
 from typing import Any, List, Optional, Sequence
 
-from ._binaries import _KINDS, SOURCE_BUILD_REQUIREMENT, Binary, find_binary
+from ._binaries import Binary, find_binary, unsupported_cpu_message
 from ._process import ManagedProcess
 from .devices import device_environment
 from .errors import ServerStartError
@@ -49,28 +49,6 @@ POLL_INTERVAL = 0.005
 # exits with status 0.
 _BIND_FAILURE_MARKERS = ("failed to create server socket", "address already in use", "failed to bind")
 _TCP_LISTEN = "0A"
-
-
-def unsupported_cpu_message(binary: Binary, kind: str = "server") -> str:
-    """The explanation for a llama.cpp program of ``kind`` killed by SIGILL at start.
-
-    A prebuilt binary compiled for a newer CPU dies with SIGILL (illegal instruction)
-    before it prints anything useful, so the message says what happened and how to get
-    a build for this machine.
-
-    >>> from llamarocm._binaries import Binary
-    >>> msg = unsupported_cpu_message(Binary("/opt/ggml-rpc-server", "PATH"), "rpc")
-    >>> "LLAMAROCM_RPC_SERVER" in msg and "CPU instructions this processor lacks" in msg
-    True
-    """
-    spec = _KINDS[kind]
-    return (
-        f"{spec.label} ({binary.path}, from {binary.source}) was killed by SIGILL "
-        "(illegal instruction): this build uses CPU instructions this processor "
-        "lacks; it was compiled for another CPU. Build one for this machine with "
-        f"`llamarocm setup` (it installs {SOURCE_BUILD_REQUIREMENT}, compiled here), "
-        f"or point {spec.env_var} at a {spec.label} built for this CPU."
-    )
 
 
 def _is_loopback(host: str) -> bool:

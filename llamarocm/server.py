@@ -16,7 +16,7 @@ import socket
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ._binaries import SOURCE_BUILD_REQUIREMENT, Binary, find_binary
+from ._binaries import Binary, find_binary, unsupported_cpu_message
 from ._process import ManagedProcess
 from .client import Client, ConnectionLost
 from .devices import device_environment
@@ -117,6 +117,9 @@ class Server:
         base_env.update(self.binary.env)
         base_env.update(device_environment(base_env, devices))
         base_env["LLAMA_API_KEY"] = self.api_key
+        # On an abort ggml attaches gdb for a backtrace: a second's delay and a log tail
+        # full of stack frames instead of the error.
+        base_env.setdefault("GGML_NO_BACKTRACE", "1")
         self._env = base_env
         self._process: Optional[ManagedProcess] = None
         self.port = 0
@@ -220,16 +223,7 @@ class Server:
         proc.wait(1.0)  # let the drain thread collect the last lines
         tail = proc.output_tail()
         if code == -signal.SIGILL:
-            return ServerStartError(
-                f"llama-server ({self.binary.path}, from {self.binary.source}) was killed by SIGILL "
-                "(illegal instruction): this server build uses CPU instructions this processor "
-                "lacks; it was compiled for another CPU. Build one for this machine with "
-                "`llamarocm setup` (it installs "
-                f"{SOURCE_BUILD_REQUIREMENT}, compiled here), or point LLAMAROCM_SERVER at a "
-                "llama-server built for this CPU.",
-                tail,
-                code,
-            )
+            return ServerStartError(unsupported_cpu_message(self.binary, "server"), tail, code)
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         error = ServerStartError(f"llama-server {how} before it was ready", tail, code)
         error.port_in_use = any(marker in tail.lower() for marker in _BIND_FAILURE_MARKERS)  # type: ignore[attr-defined]

@@ -369,7 +369,7 @@ def test_a_model_split_across_two_workers_matches_a_local_run(model_path, server
         # Without -ngl the server keeps its "-ngl auto": it fits layers to the memory of
         # every device, and each RPC worker counts as one.
         with llamarocm.load_model(
-            model_path, context_length=256, server_path=server_binary, extra_args=["--rpc", f"{a.address},{b.address}"]
+            model_path, context_length=256, server_path=server_binary, rpc=[a, b.address]
         ) as model:
             # The weights are in the workers' memory, not only mapped by the server.
             for w in (a, b):
@@ -388,7 +388,7 @@ def test_a_model_split_across_two_workers_matches_a_local_run(model_path, server
 def test_a_worker_killed_mid_stream_is_a_typed_error(model_path, server_binary, rpc_binary):
     with RpcWorker(server_path=rpc_binary) as worker:
         with llamarocm.load_model(
-            model_path, context_length=256, server_path=server_binary, extra_args=["--rpc", worker.address]
+            model_path, context_length=256, server_path=server_binary, rpc=[worker]
         ) as model:
             stream = model.generate("Once upon a time", max_tokens=200, extra={"ignore_eos": True}, **GREEDY)
             next(stream)
@@ -399,3 +399,17 @@ def test_a_worker_killed_mid_stream_is_a_typed_error(model_path, server_binary, 
                     pass
             assert not model.server.alive()
         assert worker.returncode == -signal.SIGKILL
+
+
+def test_an_unreachable_worker_is_named_before_anything_starts(model_path, server_binary):
+    from conftest import llama_server_pids
+
+    before = llama_server_pids()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    with pytest.raises(llamarocm.ServerStartError, match=f"RPC worker 127.0.0.1:{free} is unreachable"):
+        llamarocm.load_model(model_path, server_path=server_binary, rpc=[f"127.0.0.1:{free}"])
+    with pytest.raises(ValueError, match="host:port"):
+        llamarocm.load_model(model_path, server_path=server_binary, rpc=["nowhere"])
+    assert llama_server_pids() == before
