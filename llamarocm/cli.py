@@ -25,6 +25,8 @@ EXAMPLES = {
     "chat": "llamarocm chat --model ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf",
     "models": "llamarocm models ~/models --recursive",
     "info": "llamarocm info ~/models/gemma-3-270m-q4_k_m.gguf --json",
+    "vram": "llamarocm vram --json",
+    "rpc-worker": "llamarocm rpc-worker --port 50052",
     "setup": "llamarocm setup",
 }
 
@@ -194,6 +196,37 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vram(args: argparse.Namespace) -> int:
+    gpus = llamarocm.list_devices()
+    if args.json:
+        _print_json([dict(dataclasses.asdict(g), memory=g.memory._asdict()) for g in gpus])
+        return 0
+    if not gpus:
+        _stderr("no AMD GPU found (sysfs lists none); llama-server will run on the CPU")
+        return 0
+    for g in gpus:
+        kind = "integrated" if g.is_integrated else "discrete"
+        mem = g.memory
+        print(f"{g.index}: {g.name} ({kind}) {_size(mem.used)} used of {_size(mem.total)}, {_size(mem.free)} free")
+    return 0
+
+
+def cmd_rpc_worker(args: argparse.Namespace) -> int:
+    devices = [int(d) for d in args.devices.split(",")] if args.devices else None
+    with llamarocm.RpcWorker(
+        host=args.host,
+        port=args.port,
+        devices=devices,
+        server_path=args.server,
+        threads=args.threads,
+        allow_remote=args.allow_remote,
+    ) as worker:
+        _stderr(f"RPC worker listening on {worker.address} (pid {worker.pid}); Ctrl-C to stop")
+        code = worker.wait()
+        _stderr(f"the worker exited with code {code}:\n{worker.output_tail()}")
+        return 1
+
+
 def _server_works(server_path: Optional[str]) -> "tuple[bool, str]":
     """Start the found server on the embedded model once: does it run on this CPU?"""
     try:
@@ -241,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, program: str = "llama-server") -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
             help=help_text,
@@ -249,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=f"Example:\n  {EXAMPLES[name]}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.add_argument("--server", metavar="PATH", help="llama-server binary (default: searched)")
+        p.add_argument("--server", metavar="PATH", help=f"{program} binary (default: searched)")
         return p
 
     gen = add("generate", "Stream a completion of PROMPT to stdout.")
@@ -281,6 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", metavar="FILE")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+
+    vram = add("vram", "Show the AMD GPUs and their memory (from sysfs).")
+    vram.add_argument("--json", action="store_true", help="print JSON")
+    vram.set_defaults(func=cmd_vram)
+
+    rpc = add(
+        "rpc-worker",
+        "Run a llama.cpp RPC worker (ggml-rpc-server) that a model on another machine can "
+        "offload layers to (load_model(..., rpc=['HOST:PORT'])). It has no authentication.",
+        program="ggml-rpc-server",
+    )
+    rpc.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    rpc.add_argument("--port", type=int, default=50052, help="port (default 50052; 0 picks a free one)")
+    rpc.add_argument("--devices", metavar="LIST", help="GPU indices, e.g. 0,1")
+    rpc.add_argument("--threads", type=int, metavar="N")
+    rpc.add_argument("--allow-remote", action="store_true",
+                     help="listen on a non-loopback address (trusted networks only: no authentication)")
+    rpc.set_defaults(func=cmd_rpc_worker)
 
     setup = add(
         "setup",

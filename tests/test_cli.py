@@ -106,3 +106,35 @@ def test_chat_loop_keeps_history_and_resets(shared_model):
     assert history[1]["content"] == "Again"
     assert history[2]["content"] and history[2]["content"] in out.getvalue()
     assert next(lines) == "never read"
+
+
+def test_vram_without_gpus(capsys, monkeypatch):
+    monkeypatch.setattr("llamarocm.list_devices", lambda: [])
+    assert main(["vram", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["vram"]) == 0
+    assert "no AMD GPU" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_rpc_worker_command_serves_until_interrupted(server_binary):
+    import signal
+    import socket
+
+    from llamarocm._binaries import find_binary
+
+    rpc = find_binary("rpc").path
+    proc = subprocess.Popen([sys.executable, "-m", "llamarocm", "rpc-worker", "--port", "0", "--server", rpc],
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "RPC worker listening on 127.0.0.1:" in line, line
+        address = line.split(" on ")[1].split()[0]
+        host, port = address.rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=5).close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()

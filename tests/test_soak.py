@@ -27,13 +27,19 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _threads() -> int:
+    # The spawner thread lives as long as the process by design (the parent-death
+    # signal is tied to it); it appears with the first server this process starts.
+    return sum(1 for t in threading.enumerate() if t.name != "llamarocm-spawner")
+
+
 def test_soak(model_path, server_binary):
     from conftest import llama_server_pids
 
     before_servers = llama_server_pids()
-    threads_before, fds_before = threading.active_count(), _fds()
+    threads_before, fds_before = _threads(), _fds()
     rng = random.Random(20261127)
-    plans = [[(rng.random() < 0.25, rng.randint(0, 5)) for _ in range(PER_THREAD)] for _ in range(THREADS)]
+    plans = [[(rng.random() < 0.25, rng.randint(0, 3)) for _ in range(PER_THREAD)] for _ in range(THREADS)]
     total = THREADS * PER_THREAD
     crash_after = int(total * 0.9)
     counts = {"finished": 0, "cancelled": 0, "crashed": 0, "other_typed": 0, "tokens": 0}
@@ -49,7 +55,7 @@ def test_soak(model_path, server_binary):
             for cancel, at in plan:
                 outcome, tokens = "finished", 0
                 try:
-                    with model.generate("Once upon a time", max_tokens=6, temperature=0.0) as stream:
+                    with model.generate("Once upon a time", max_tokens=4, temperature=0.0) as stream:
                         for i, _ in enumerate(stream):
                             tokens += 1
                             if cancel and i >= at:
@@ -83,8 +89,8 @@ def test_soak(model_path, server_binary):
     accounted = counts["finished"] + counts["cancelled"] + counts["crashed"] + counts["other_typed"]
     assert accounted == total
     assert counts["crashed"] >= 1 and counts["cancelled"] >= 1 and counts["finished"] >= total // 2
-    assert threading.active_count() == threads_before, threading.enumerate()
+    assert _threads() == threads_before, threading.enumerate()
     assert _fds() <= fds_before, "file descriptors leaked"
     assert llama_server_pids() == before_servers
     print(f"\nsoak: {total} requests in {elapsed:.1f} s: {counts}; threads {threads_before} -> "
-          f"{threading.active_count()}, fds {fds_before} -> {_fds()}")
+          f"{_threads()}, fds {fds_before} -> {_fds()}")
