@@ -33,7 +33,7 @@ import time
 import weakref
 from typing import Deque, Dict, List, Optional, Sequence
 
-__all__ = ["ManagedProcess"]
+__all__ = ["ManagedProcess", "ProcessOwner"]
 
 log = logging.getLogger("llamarocm")
 
@@ -260,3 +260,41 @@ class ManagedProcess:
                     break
                 out.changed.wait(remaining)
             return out.count
+
+
+class ProcessOwner:
+    """What every owner of one :class:`ManagedProcess` offers (``Server``,
+    ``RpcWorker``): its state, and stopping it when a ``with`` block ends."""
+
+    _process: Optional[ManagedProcess] = None
+
+    def close(self) -> None:  # pragma: no cover - each owner stops its own way
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int:
+        """The process id (of the current process, after a restart)."""
+        assert self._process is not None
+        return self._process.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        """The exit code once the process has ended (negative: killed by that signal)."""
+        return self._process.returncode if self._process is not None else None
+
+    def alive(self) -> bool:
+        """True while the process runs (it may still be unhealthy)."""
+        return self._process is not None and self._process.alive()
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Wait up to ``timeout`` s for the process to exit; its exit code, or None."""
+        return self._process.wait(timeout) if self._process is not None else None
+
+    def _tail(self, lines: int) -> str:
+        return self._process.output_tail(lines) if self._process is not None else ""

@@ -29,10 +29,10 @@ import signal
 import socket
 import time
 import warnings
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from ._binaries import Binary, find_binary, unsupported_cpu_message
-from ._process import ManagedProcess
+from ._process import ManagedProcess, ProcessOwner
 from .devices import device_environment
 from .errors import ServerStartError
 
@@ -156,7 +156,7 @@ class _PortLost(Exception):
         self.error = error
 
 
-class RpcWorker:
+class RpcWorker(ProcessOwner):
     """Owns one ``ggml-rpc-server`` process listening on ``host:port``.
 
     Give its :attr:`address` to llama-server (``--rpc``) to offload model layers to the
@@ -183,7 +183,7 @@ class RpcWorker:
     >>> import llamarocm
     >>> from llamarocm.rpc import RpcWorker
     >>> with RpcWorker() as worker:  # doctest: +SKIP
-    ...     with llamarocm.load_model("gemma.gguf", extra_args=["--rpc", worker.address]) as model:
+    ...     with llamarocm.load_model("gemma.gguf", rpc=[worker]) as model:
     ...         print(model.generate("Hello", max_tokens=8).text())
     """
 
@@ -334,11 +334,7 @@ class RpcWorker:
         if self._process is not None:
             self._process.stop()
 
-    def __enter__(self) -> "RpcWorker":
-        return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
 
     # -- state -------------------------------------------------------------------
 
@@ -347,27 +343,9 @@ class RpcWorker:
         """``"host:port"``, the form llama-server's ``--rpc`` takes."""
         return f"{self.host}:{self.port}"
 
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
 
-    @property
-    def returncode(self) -> Optional[int]:
-        return self._process.returncode if self._process is not None else None
 
-    def alive(self) -> bool:
-        """True while the worker process runs.
 
-        >>> with RpcWorker() as worker:  # doctest: +SKIP
-        ...     worker.alive()
-        True
-        """
-        return self._process is not None and self._process.alive()
-
-    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
-        """Wait up to ``timeout`` s for the worker to exit; its exit code, or None."""
-        return self._process.wait(timeout) if self._process is not None else None
 
     def output_tail(self, lines: int = 40) -> str:
         """The last lines the worker printed (it logs each client it accepts).
@@ -378,7 +356,7 @@ class RpcWorker:
           endpoint       : 127.0.0.1:41234
         ...
         """
-        return self._process.output_tail(lines) if self._process is not None else ""
+        return self._tail(lines)
 
     def __repr__(self) -> str:
         pid = self._process.pid if self._process is not None else None

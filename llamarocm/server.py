@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ._binaries import Binary, find_binary, unsupported_cpu_message
-from ._process import ManagedProcess
+from ._process import ManagedProcess, ProcessOwner
 from .client import Client, ConnectionLost
 from .devices import device_environment
 from .errors import GGUFError, ModelNotFoundError, RequestError, ServerStartError
@@ -77,7 +77,7 @@ def _check_model_file(path: str) -> None:
         raise GGUFError(f"not a GGUF file (magic {magic!r}): {path}")
 
 
-class Server:
+class Server(ProcessOwner):
     """Owns one ``llama-server`` process serving ``model_path`` on a loopback port.
 
     ``args`` are the model-specific arguments (``-c``, ``-ngl``, ``--parallel`` ...);
@@ -249,34 +249,17 @@ class Server:
         self._closed = True
         self._teardown()
 
-    def __enter__(self) -> "Server":
-        return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
 
     # -- state -------------------------------------------------------------------
 
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
 
-    @property
-    def returncode(self) -> Optional[int]:
-        return self._process.returncode if self._process is not None else None
 
-    def alive(self) -> bool:
-        """True while the process runs (it may still be unhealthy)."""
-        return self._process is not None and self._process.alive()
 
-    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
-        """Wait up to ``timeout`` s for the process to exit; its exit code, or None."""
-        return self._process.wait(timeout) if self._process is not None else None
 
     def stderr_tail(self, lines: int = 40) -> str:
         """The last lines the server logged (the API key redacted)."""
-        return self._process.output_tail(lines) if self._process is not None else ""
+        return self._tail(lines)
 
     def __repr__(self) -> str:
         state = "alive" if self.alive() else f"exited {self.returncode}"

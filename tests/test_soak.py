@@ -3,7 +3,7 @@ them cancelled at random points, and the server SIGKILLed near the end.
 
 Afterwards every request has either finished or raised a typed error, no thread is
 stuck, threads and file descriptors are back where they started, and no llama-server
-is left. The figures are printed (``-s``) for docs/reliability.md.
+is left. The figures are printed (``-s``) for docs/reliability.rst.
 """
 
 from __future__ import annotations
