@@ -234,6 +234,11 @@ class ManagedProcess:
                     self._proc.stdout.close()
             return code
 
+    def wait_drained(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s until everything the child printed has been read
+        (after it exited, the last lines may still be in the pipe)."""
+        self._drainer.join(timeout)
+
     def output_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines the child printed, secrets redacted."""
         with self._output.changed:

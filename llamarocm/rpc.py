@@ -314,7 +314,7 @@ class RpcWorker(ProcessOwner):
         proc = self._process
         assert proc is not None
         proc.wait(1.0)
-        proc.wait_output(proc.line_count, 0.2)  # let the drain thread collect the last lines
+        proc.wait_drained(1.0)  # the last lines (often the reason) may still be in the pipe
         tail = proc.output_tail()
         if code == -signal.SIGILL:
             return ServerStartError(unsupported_cpu_message(self.binary, "rpc"), tail, code)

@@ -220,7 +220,8 @@ class Server(ProcessOwner):
     def _start_failure(self, code: int) -> ServerStartError:
         proc = self._process
         assert proc is not None
-        proc.wait(1.0)  # let the drain thread collect the last lines
+        proc.wait(1.0)
+        proc.wait_drained(1.0)  # the last lines (often the reason) may still be in the pipe
         tail = proc.output_tail()
         if code == -signal.SIGILL:
             return ServerStartError(unsupported_cpu_message(self.binary, "server"), tail, code)

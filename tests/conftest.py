@@ -139,5 +139,7 @@ def fake_server(tmp_path):
 
 
 def llama_server_pids() -> "set[int]":
-    out = subprocess.run(["pgrep", "-f", "llama-server"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+    """llama-server processes this test process started (its children), alive or not
+    yet reaped; other sessions' servers on the machine are none of our business."""
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "llama-server"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
