@@ -43,13 +43,32 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _load_progress():
+    """A one-line progress display on stderr while a model loads, when stderr is a
+    terminal (nothing when it is a pipe or a file: logs stay clean)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(fraction: float, message: str) -> None:
+        if message == "ready":
+            sys.stderr.write("\r\033[K")
+        else:
+            bar = "#" * int(fraction * 20)
+            sys.stderr.write(f"\r{message} [{bar:<20}] {fraction:4.0%}")
+        sys.stderr.flush()
+
+    return show
+
+
 def _model_path(given: Optional[str]) -> str:
     return given if given else default_model_path(notify=_stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     path = _model_path(args.model)
-    with llamarocm.load_model(path, server_path=args.server, context_length=args.context_length) as model:
+    with llamarocm.load_model(
+        path, server_path=args.server, context_length=args.context_length, progress=_load_progress()
+    ) as model:
         with model.generate(args.prompt, max_tokens=args.max_tokens, **_sampling(args)) as stream:
             for token in stream:
                 sys.stdout.write(token.text)
@@ -67,7 +86,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     path = _model_path(args.model)
     interactive = sys.stdin.isatty()
-    with llamarocm.load_model(path, server_path=args.server, context_length=args.context_length) as model:
+    with llamarocm.load_model(
+        path, server_path=args.server, context_length=args.context_length, progress=_load_progress()
+    ) as model:
         if interactive:
             _stderr("Type a message; /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
         chat_loop(

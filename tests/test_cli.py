@@ -138,3 +138,33 @@ def test_rpc_worker_command_serves_until_interrupted(server_binary):
         proc.kill()
         proc.wait()
         proc.stderr.close()
+
+
+@pytest.mark.integration
+def test_loading_shows_progress_only_on_a_terminal(model_path, server_binary):
+    import pty
+
+    args = [sys.executable, "-m", "llamarocm", "generate", "1, 2,", "--model", model_path, "--server", server_binary,
+            "--max-tokens", "2", "--temperature", "0"]
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(args, stderr=slave, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=100)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal's other side is closed: all read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if slave != -1:
+            os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0
+    assert b"\x1b[K" in shown  # the progress line, cleared once the model is ready
+    piped = subprocess.run(args, capture_output=True, stdin=subprocess.DEVNULL, timeout=100)
+    assert piped.returncode == 0 and b"loading model" not in piped.stderr and b"\x1b[K" not in piped.stderr

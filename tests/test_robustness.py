@@ -163,3 +163,58 @@ def test_one_failing_stream_leaves_the_others_alone(model):
         t.join(60)
     assert results["good"] and "good" not in errors
     assert isinstance(errors["bad"], llamarocm.ContextLengthError)
+
+
+def test_requests_without_the_key_are_refused(model):
+    import requests
+
+    url = model.server.url
+    assert requests.get(url + "/health", timeout=5).status_code == 200  # open by design
+    assert requests.get(url + "/slots", timeout=5).status_code == 401
+    assert requests.post(url + "/completion", json={"prompt": "x", "n_predict": 1}, timeout=5).status_code == 401
+
+
+def test_awkward_model_paths_pass_through_as_arguments(model_path, server_binary, tmp_path):
+    odd = tmp_path / "-m --port 1 ünïcode model.gguf"
+    os.symlink(model_path, odd)
+    with llamarocm.load_model(str(odd), context_length=256, server_path=server_binary) as m:
+        assert os.path.samefile(m.server.props["model_path"], str(odd))
+        assert m.generate("1, 2,", max_tokens=2, **GREEDY).text()
+
+
+def test_a_model_the_server_cannot_load_fails_the_start(server_binary, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "alien.gguf"
+    writer = gguf.GGUFWriter(str(path), "no-such-architecture")
+    writer.add_context_length(256)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(llamarocm.ServerStartError) as info:
+        llamarocm.load_model(path, server_path=server_binary)
+    assert "no-such-architecture" in info.value.stderr_tail
+
+
+def test_an_owner_that_exits_without_closing_leaves_no_server(model_path, server_binary):
+    import select
+    import subprocess
+    import sys
+
+    code = ("import sys, llamarocm\n"
+            "m = llamarocm.load_model(sys.argv[1], context_length=256, server_path=sys.argv[2])\n"
+            "print(m.server.pid, flush=True)\n")  # and exit without close()
+    owner = subprocess.Popen([sys.executable, "-c", code, model_path, server_binary], stdout=subprocess.PIPE, text=True)
+    pid = int(owner.stdout.readline())
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fd = None
+    assert owner.wait(60) == 0
+    owner.stdout.close()
+    if fd is not None:
+        try:
+            ready, _, _ = select.select([fd], [], [], 10.0)
+            assert ready, "llama-server outlived an owner that exited without closing it"
+        finally:
+            os.close(fd)
