@@ -296,7 +296,12 @@ def test_worker_listens_on_a_free_port_and_close_kills_it(rpc_binary):
         assert os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(rpc_binary)
         with socket.create_connection(("127.0.0.1", worker.port), timeout=5):
             pass
-        assert f"endpoint       : 127.0.0.1:{worker.port}" in worker.output_tail()
+        # The banner may reach us a moment after the socket listens: wait for output.
+        proc, expected = worker._process, f"endpoint       : 127.0.0.1:{worker.port}"
+        deadline = time.monotonic() + 10
+        while expected not in worker.output_tail() and time.monotonic() < deadline:
+            proc.wait_output(proc.line_count, deadline - time.monotonic())
+        assert expected in worker.output_tail()
     finally:
         worker.close()
     assert not worker.alive()
