@@ -27,6 +27,7 @@ EXAMPLES = {
     "info": "llamarocm info ~/models/gemma-3-270m-q4_k_m.gguf --json",
     "vram": "llamarocm vram --json",
     "rpc-worker": "llamarocm rpc-worker --port 50052",
+    "bench": "llamarocm bench --model ~/models/gemma-3-4b-it-Q4_K_M.gguf --gpu-layers all",
     "setup": "llamarocm setup",
 }
 
@@ -353,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     rpc.add_argument("--allow-remote", action="store_true",
                      help="listen on a non-loopback address (trusted networks only: no authentication)")
     rpc.set_defaults(func=cmd_rpc_worker)
+
+    bench = add("bench", "Measure what llamarocm adds on top of llama-server (the bench extra helps).")
+    from . import bench as bench_module
+
+    bench_module.add_arguments(bench, server=False)
+    bench.set_defaults(func=bench_module.run_args)
 
     setup = add(
         "setup",

@@ -24,11 +24,12 @@ import json
 import os
 import socket
 import threading
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 from urllib.parse import urlsplit
 
 import requests
 
+from ._chunked import Dechunker
 from ._sse import ServerSentEvent, SSEDecoder
 from .errors import RequestError, StreamTimeoutError, error_from_response
 
@@ -73,16 +74,28 @@ class Client:
 
     def health(self, timeout: float = 2.0) -> Optional[str]:
         """The server's status: ``"ok"``, ``"loading"``, another word, or ``None`` when
-        nothing answers on the port yet."""
+        nothing answers on the port yet.
+
+        Plain ``http.client``: start-up polls this every few milliseconds while the
+        server loads, and requests' machinery would cost that server CPU it needs.
+        """
+        conn = self._connection(timeout)
         try:
-            resp = self._session.get(self.base_url + "/health", timeout=(timeout, timeout))
-        except requests.RequestException:
+            conn.request("GET", self._prefix + "/health", headers={"Connection": "close"})
+            status = conn.getresponse().status
+        except (OSError, http.client.HTTPException):
             return None
-        if resp.status_code == 200:
+        finally:
+            conn.close()
+        if status == 200:
             return "ok"
-        if resp.status_code == 503:
+        if status == 503:
             return "loading"
-        return f"http {resp.status_code}"
+        return f"http {status}"
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=timeout)
 
     def get_json(self, path: str, timeout: float = CALL_TIMEOUT) -> Any:
         return self._call("GET", path, None, timeout)
@@ -128,9 +141,33 @@ class Client:
         ``idle_timeout`` bounds every wait for data, the wait for the first byte
         included (that one covers the server's prompt evaluation).
         """
-        connection_class = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        conn = connection_class(self._host, self._port, timeout=CONNECT_TIMEOUT)
+        conn = self._connection(CONNECT_TIMEOUT)
         return EventStream(conn, self._prefix + path, _encode(body), dict(self._headers), idle_timeout)
+
+
+def _body_reader(resp: http.client.HTTPResponse) -> Callable[[int], bytes]:
+    """A ``read(n)`` for the response body that returns whatever one socket read brings.
+
+    For a chunked body (llama-server sends one HTTP chunk per event) the framing is
+    decoded here: ``http.client`` would return a single chunk per call.
+    """
+    if not resp.chunked:
+        return resp.read1
+    dechunker = Dechunker()
+    read_raw = resp.fp.read1  # type: ignore[union-attr]
+
+    def read(n: int) -> bytes:
+        while not dechunker.done:
+            raw = read_raw(n)
+            if not raw:
+                # EOF before the last chunk: the server went away mid-stream.
+                raise http.client.IncompleteRead(b"")
+            body = dechunker.feed(raw)
+            if body:
+                return body
+        return b""
+
+    return read
 
 
 def _encode(body: Dict[str, Any]) -> bytes:
@@ -204,12 +241,12 @@ class EventStream:
         if resp is None:
             return
         decoder = SSEDecoder()
-        read1 = resp.read1
+        read = _body_reader(resp)
         try:
             while True:
-                # read1 returns what one read of the socket brings (at most READ_SIZE),
-                # without waiting to fill the buffer: tokens arrive as they are sent.
-                chunk = read1(READ_SIZE)
+                # One read of the socket (at most READ_SIZE), without waiting to fill a
+                # buffer: tokens are handed on as they arrive, all that arrived at once.
+                chunk = read(READ_SIZE)
                 if not chunk:
                     break
                 events = decoder.feed(chunk)

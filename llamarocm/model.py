@@ -84,7 +84,8 @@ class _StreamState:
     """Everything the reader thread and the consumer share (never the stream itself)."""
 
     def __init__(self) -> None:
-        self.queue: "queue.Queue[Any]" = queue.Queue()
+        # SimpleQueue: implemented in C, a cheaper hand-off than Queue for every batch.
+        self.queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.cancel_requested = False
         self.events: Optional[EventStream] = None

@@ -31,16 +31,6 @@ def _sse(*objs, done=False) -> bytes:
 
 
 @responses.activate
-def test_health_states(client):
-    responses.get(URL + "/health", json={"status": "ok"})
-    assert client.health() == "ok"
-    responses.replace(responses.GET, URL + "/health", status=503, json={"error": {"message": "Loading model"}})
-    assert client.health() == "loading"
-    responses.replace(responses.GET, URL + "/health", body=requests.ConnectionError("refused"))
-    assert client.health() is None
-
-
-@responses.activate
 def test_key_is_sent_as_bearer(client):
     responses.get(URL + "/props", json={"n_ctx": 1})
     assert client.props() == {"n_ctx": 1}

@@ -55,11 +55,19 @@ def test_ctrl_c_while_waiting_for_a_token_cancels(model):
     stream = model.generate("Once upon a time", **LONG, **GREEDY)
     next(stream)
 
-    def interrupted(*args, **kwargs):
-        # Where Ctrl-C lands nearly always: the consumer blocked on the next token.
-        raise KeyboardInterrupt
+    class Interrupting:
+        """Where Ctrl-C lands nearly always: the consumer blocked on the next token."""
 
-    stream._state.queue.get = interrupted
+        def put(self, item):
+            pass
+
+        def empty(self):
+            return True
+
+        def get(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    stream._state.queue = Interrupting()
     with pytest.raises(KeyboardInterrupt):
         next(stream)
     assert stream.finish_reason == "cancelled"

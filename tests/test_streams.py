@@ -190,3 +190,15 @@ def test_key_is_sent_on_streams(model, canned):
     # The canned server records bodies only; a wrong header would show in the real
     # server's 401 (tests/test_integration.py). Here: the request arrived at all.
     assert canned.requests[0][0] == "/completion"
+
+
+def test_health_states(canned):
+    client = Client(canned.url)
+    canned.json("/health", {"status": "ok"})
+    assert client.health() == "ok"
+    canned.json("/health", {"error": {"message": "Loading model"}}, status=503)
+    assert client.health() == "loading"
+    canned.json("/health", {}, status=500)
+    assert client.health() == "http 500"
+    canned.close()
+    assert client.health(timeout=1.0) is None  # nothing listens any more
