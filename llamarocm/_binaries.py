@@ -59,6 +59,11 @@ _KINDS = {
 }
 
 
+def label_of(kind: str) -> str:
+    """The program's name for messages: "llama-server" or "ggml-rpc-server"."""
+    return _KINDS[kind].label
+
+
 def _runnable(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.X_OK)
 

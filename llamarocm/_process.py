@@ -33,6 +33,9 @@ import time
 import weakref
 from typing import Deque, Dict, List, Optional, Sequence
 
+from ._binaries import label_of, unsupported_cpu_message
+from .errors import ServerStartError
+
 __all__ = ["ManagedProcess", "ProcessOwner"]
 
 log = logging.getLogger("llamarocm")
@@ -303,3 +306,16 @@ class ProcessOwner:
 
     def _tail(self, lines: int) -> str:
         return self._process.output_tail(lines) if self._process is not None else ""
+
+    def _exit_error(self, code: int, kind: str, when: str) -> ServerStartError:
+        """The ServerStartError for a child of ``kind`` that exited with ``code`` during
+        start-up, quoting its last lines (SIGILL: the unsupported-CPU explanation)."""
+        proc = self._process
+        assert proc is not None
+        proc.wait(1.0)
+        proc.wait_drained(1.0)  # the last lines (often the reason) may still be in the pipe
+        tail = proc.output_tail()
+        if code == -signal.SIGILL:
+            return ServerStartError(unsupported_cpu_message(self.binary, kind), tail, code)  # type: ignore[attr-defined]
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return ServerStartError(f"{label_of(kind)} {how} {when}", tail, code)

@@ -25,7 +25,6 @@ import errno
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import time
 import warnings
@@ -311,16 +310,8 @@ class RpcWorker(ProcessOwner):
             seen = proc.wait_output(seen, POLL_INTERVAL)
 
     def _start_failure(self, code: int) -> Exception:
-        proc = self._process
-        assert proc is not None
-        proc.wait(1.0)
-        proc.wait_drained(1.0)  # the last lines (often the reason) may still be in the pipe
-        tail = proc.output_tail()
-        if code == -signal.SIGILL:
-            return ServerStartError(unsupported_cpu_message(self.binary, "rpc"), tail, code)
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        error = ServerStartError(f"ggml-rpc-server {how} before it was listening on {self.address}", tail, code)
-        if any(marker in tail.lower() for marker in _BIND_FAILURE_MARKERS):
+        error = self._exit_error(code, "rpc", f"before it was listening on {self.address}")
+        if any(marker in error.stderr_tail.lower() for marker in _BIND_FAILURE_MARKERS):
             return _PortLost(error)
         return error
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
 import socket
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ._binaries import Binary, find_binary, unsupported_cpu_message
+from ._binaries import Binary, find_binary
 from ._process import ManagedProcess, ProcessOwner
 from .client import Client, ConnectionLost
 from .devices import device_environment
@@ -218,16 +217,8 @@ class Server(ProcessOwner):
             seen = proc.wait_output(seen, POLL_INTERVAL)
 
     def _start_failure(self, code: int) -> ServerStartError:
-        proc = self._process
-        assert proc is not None
-        proc.wait(1.0)
-        proc.wait_drained(1.0)  # the last lines (often the reason) may still be in the pipe
-        tail = proc.output_tail()
-        if code == -signal.SIGILL:
-            return ServerStartError(unsupported_cpu_message(self.binary, "server"), tail, code)
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        error = ServerStartError(f"llama-server {how} before it was ready", tail, code)
-        error.port_in_use = any(marker in tail.lower() for marker in _BIND_FAILURE_MARKERS)  # type: ignore[attr-defined]
+        error = self._exit_error(code, "server", "before it was ready")
+        error.port_in_use = any(marker in error.stderr_tail.lower() for marker in _BIND_FAILURE_MARKERS)  # type: ignore[attr-defined]
         return error
 
     def _teardown(self) -> None:
