@@ -562,6 +562,14 @@ def _choose(
             parts = _parse(current)
             numeric = all(p.isdigit() for p in parts)
             indices = [int(p) for p in parts] if sysfs_numbering and numeric and parts else None
+            if indices:
+                # The user's list is filtered, never widened: an integrated GPU in it is
+                # dropped when a discrete one is listed too (the ROCm iGPU crash).
+                known = {gpu.index: gpu for gpu in topology.gpus}
+                integrated = [i for i in indices if i in known and known[i].is_integrated]
+                if integrated and any(i in known and not known[i].is_integrated for i in indices):
+                    kept = [i for i in indices if i not in integrated]
+                    return ",".join(map(str, kept)), kept
             return current, indices
         if base.get("ROCR_VISIBLE_DEVICES") is not None:
             return None, None
@@ -642,8 +650,9 @@ def device_environment(
 
     ``HIP_VISIBLE_DEVICES``:
 
-    * a value the user set is a limit never widened: kept as is with ``devices=None``,
-      intersected with ``devices`` otherwise (:class:`~llamarocm.DeviceError` if
+    * a value the user set is a limit never widened: with ``devices=None`` it is kept,
+      less any integrated GPU when a discrete one is listed too; intersected with
+      ``devices`` otherwise (:class:`~llamarocm.DeviceError` if
       nothing is left);
     * not set and ``devices=None``: the discrete GPUs sysfs shows, hiding integrated
       ones (they crash ROCm or slow it), or the integrated ones if there is nothing

@@ -491,6 +491,20 @@ def test_users_hip_variable_is_kept_and_mirrored_for_vulkan(fake: FakeSysfs) -> 
     assert device_environment({"HIP_VISIBLE_DEVICES": "7"}, sysfs_root=root) == {"HIP_VISIBLE_DEVICES": "7"}
 
 
+def test_users_hip_variable_is_filtered_of_integrated_gpus(fake: FakeSysfs) -> None:
+    root = discrete_and_integrated(fake)
+    gpus = list_devices(sysfs_root=root)
+    discrete = [g.index for g in gpus if not g.is_integrated]
+    integrated = [g.index for g in gpus if g.is_integrated]
+    assert discrete and integrated
+    both = ",".join(str(i) for i in sorted(discrete + integrated))
+    env = device_environment({"HIP_VISIBLE_DEVICES": both}, sysfs_root=root)
+    assert env["HIP_VISIBLE_DEVICES"] == ",".join(map(str, discrete))
+    # The integrated GPU alone is the user's explicit choice: kept.
+    alone = device_environment({"HIP_VISIBLE_DEVICES": str(integrated[0])}, sysfs_root=root)
+    assert alone["HIP_VISIBLE_DEVICES"] == str(integrated[0])
+
+
 def test_users_hip_variable_limits_devices(fake: FakeSysfs) -> None:
     root = two_discrete(fake)
     assert device_environment({"HIP_VISIBLE_DEVICES": "1"}, [0, 1], sysfs_root=root) == {
