@@ -8,6 +8,7 @@ hide that nothing was tested.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import textwrap
@@ -129,13 +130,17 @@ FAKE_SERVER = textwrap.dedent(
 )
 
 
+def write_script(path, template: str) -> str:
+    """Write ``template`` (a Python script with a ``{python}`` shebang) as an executable."""
+    path.write_text(template.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
 @pytest.fixture
 def fake_server(tmp_path):
     """Path of an executable fake llama-server (see FAKE_SERVER)."""
-    path = tmp_path / "fake-llama-server"
-    path.write_text(FAKE_SERVER.format(python=sys.executable))
-    path.chmod(0o755)
-    return str(path)
+    return write_script(tmp_path / "fake-llama-server", FAKE_SERVER)
 
 
 def llama_server_pids() -> "set[int]":
@@ -143,3 +148,16 @@ def llama_server_pids() -> "set[int]":
     yet reaped; other sessions' servers on the machine are none of our business."""
     out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "llama-server"], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
+
+
+def wait_pid_gone(pid: int, timeout: float) -> bool:
+    """Wait for a process that may not be our child to end, without polling (pidfd)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(fd)

@@ -8,7 +8,6 @@ load their own.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_pid_gone
 
 import llamarocm
 
@@ -34,18 +34,6 @@ def _wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
         time.sleep(interval)
     return predicate()
 
-
-def _wait_pid_gone(pid: int, timeout: float) -> bool:
-    """Wait for a process that is not our child to end, without polling (pidfd)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        return bool(ready)
-    finally:
-        os.close(fd)
 
 
 def _busy_slots(model) -> int:
@@ -268,7 +256,7 @@ def test_with_block_stops_the_server(model_path, server_binary):
         pid = model.server.pid
         assert model.server.alive()
     assert not model.server.alive()
-    assert _wait_pid_gone(pid, 1.0)
+    assert wait_pid_gone(pid, 1.0)
     with pytest.raises(llamarocm.LlamaRocmError, match="closed"):
         model.generate("x")
 
@@ -308,7 +296,7 @@ def test_no_server_survives_its_owner_being_sigkilled(model_path, server_binary)
         assert os.path.exists(f"/proc/{pid}")
         owner.kill()
         owner.wait(10)
-        assert _wait_pid_gone(pid, 10.0), "llama-server outlived its SIGKILLed owner"
+        assert wait_pid_gone(pid, 10.0), "llama-server outlived its SIGKILLed owner"
     finally:
         owner.kill()
         owner.wait()

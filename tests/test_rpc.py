@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import pytest
+from conftest import wait_pid_gone, write_script
 
 import llamarocm
 from llamarocm._binaries import find_binary
@@ -69,10 +70,7 @@ FAKE_RPC = textwrap.dedent(
 @pytest.fixture
 def fake_rpc(tmp_path):
     """Path of an executable fake ggml-rpc-server (see FAKE_RPC)."""
-    path = tmp_path / "fake-ggml-rpc-server"
-    path.write_text(FAKE_RPC.format(python=sys.executable))
-    path.chmod(0o755)
-    return str(path)
+    return write_script(tmp_path / "fake-ggml-rpc-server", FAKE_RPC)
 
 
 @pytest.fixture(scope="session")
@@ -100,18 +98,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
-
-def _wait_pid_gone(pid: int, timeout: float) -> bool:
-    """Wait for a process that may not be our child to end, without polling (pidfd)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        return bool(ready)
-    finally:
-        os.close(fd)
 
 
 def _environ(pid: int) -> dict:
@@ -305,7 +291,7 @@ def test_worker_listens_on_a_free_port_and_close_kills_it(rpc_binary):
     finally:
         worker.close()
     assert not worker.alive()
-    assert _wait_pid_gone(pid, 1.0)
+    assert wait_pid_gone(pid, 1.0)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     with pytest.raises(ConnectionRefusedError):
