@@ -83,12 +83,12 @@ class GenerateMetrics:
 class _StreamState:
     """Everything the reader thread and the consumer share (never the stream itself)."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: EventStream) -> None:
         # SimpleQueue: implemented in C, a cheaper hand-off than Queue for every batch.
         self.queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.cancel_requested = False
-        self.events: Optional[EventStream] = None
+        # Known before the request is sent, so a cancel during the prompt's evaluation
+        # (or while queued for a slot) shuts the socket down at once.
+        self.events = events
         self.error: Optional[BaseException] = None
         self.finish_reason: Optional[str] = None
         self.final: Dict[str, Any] = {}
@@ -98,19 +98,12 @@ class _StreamState:
         self.generated = 0
         self.done = threading.Event()
 
-    def attach(self, events: EventStream) -> None:
-        with self.lock:
-            self.events = events
-            cancel = self.cancel_requested
-        if cancel:
-            events.cancel()
+    @property
+    def cancel_requested(self) -> bool:
+        return self.events.cancelled
 
     def cancel(self) -> None:
-        with self.lock:
-            self.cancel_requested = True
-            events = self.events
-        if events is not None:
-            events.cancel()
+        self.events.cancel()
 
 
 def _parse_completion_chunk(obj: Mapping[str, Any], out: List[Token], state: _StreamState) -> None:
@@ -146,11 +139,11 @@ _Parser = Callable[[Mapping[str, Any], List[Token], _StreamState], None]
 
 def _read(
     state: _StreamState,
-    events: EventStream,
     parse: _Parser,
     crash_check: Callable[[], Optional[ServerCrashedError]],
 ) -> None:
     """The reader thread: request, decode, hand tokens over; always ends with _END."""
+    events = state.events
     try:
         events.open()
         for batch in events:
@@ -229,18 +222,14 @@ class TokenStream:
 
     def __init__(self, model: "Model", path: str, body: Dict[str, Any], config: GenerateConfig, parse: _Parser) -> None:
         self._model = model
-        self._state = _StreamState()
+        # Built here, not in the reader: a body that cannot be sent raises in the caller.
+        self._state = _StreamState(model.client.stream(path, body, config.timeout))
         self._buffer: List[Token] = []
         self._index = 0
         self._finished = False
-        # Built here, not in the reader: a body that cannot be sent raises in the caller.
-        events = model.client.stream(path, body, config.timeout)
-        # Attached before it is sent, so a cancel during the prompt's evaluation (or
-        # while queued for a slot) shuts the socket down at once.
-        self._state.attach(events)
         self._thread = threading.Thread(
             target=_read,
-            args=(self._state, events, parse, model._crash_error),
+            args=(self._state, parse, model._crash_error),
             name="llamarocm-stream",
             daemon=True,
         )
