@@ -39,6 +39,7 @@ class CannedServer:
                 self.send_response(status)
                 if mode == "chunked":
                     self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Connection", "close")
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
                     for piece in payload.split(b"\n\n"):
@@ -49,6 +50,9 @@ class CannedServer:
                 else:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
+                    # Like llama-server: the client asks for "Connection: close", and
+                    # the answer says so, or the client might pool a closing socket.
+                    self.send_header("Connection", "close")
                     self.end_headers()
                     self.wfile.write(payload)
                 self.close_connection = True
