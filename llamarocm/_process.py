@@ -256,6 +256,15 @@ class ManagedProcess:
         with self._output.changed:
             return self._output.count
 
+    def lines_since(self, seen: int) -> List[str]:
+        """The lines printed after the first ``seen`` (those still in the ring buffer)."""
+        with self._output.changed:
+            new = self._output.count - seen
+            if new <= 0:
+                return []
+            lines = list(self._output.lines)
+        return lines[-new:]
+
     def wait_output(self, seen: int, timeout: float) -> int:
         """Block until more than ``seen`` lines were printed, the output ends, or
         ``timeout`` passes; return the line count."""

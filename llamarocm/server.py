@@ -27,10 +27,16 @@ log = logging.getLogger("llamarocm")
 
 PORT_ATTEMPTS = 3
 HOST = "127.0.0.1"
-# How often readiness is re-checked when the log is silent. A probe of a closed
-# port costs microseconds, so a fine interval wastes nothing and saves most of
-# the idle wait a coarse one would add to every start.
-POLL_INTERVAL = 0.005
+# Readiness comes from the log: llama-server prints one of these once the model is
+# loaded, and a single /health then confirms it. Polling instead costs a full HTTP
+# exchange per probe (the server answers 503 while loading), CPU taken from the load
+# on small machines, and up to one interval of idle wait.
+READY_MARKERS = ("model loaded", "listening on", "all slots are idle")
+# The probe interval when the log says nothing we recognise (another build's wording,
+# or logging turned down in extra_args): readiness is still found, only later.
+FALLBACK_PROBE_INTERVAL = 0.05
+# How often load progress (/proc/<pid>/io and statm) is sampled.
+PROGRESS_INTERVAL = 0.25
 _BIND_FAILURE_MARKERS = ("couldn't bind", "address already in use", "failed to bind")
 
 ProgressCallback = Callable[[float, str], None]
@@ -170,35 +176,30 @@ class Server(ProcessOwner):
         assert proc is not None and client is not None
         file_size = max(os.path.getsize(self.model_path), 1) if os.path.exists(self.model_path) else 1
         base_read, _ = _read_progress(proc.pid)
-        deadline = time.monotonic() + self._startup_timeout
+        start = time.monotonic()
+        deadline = start + self._startup_timeout
         last_mark = (-1, -1)
-        next_progress_check = 0.0
+        next_progress_check = start
+        next_probe = start + FALLBACK_PROBE_INTERVAL
         seen = 0
+        status: Optional[str] = None
         while True:
             code = proc.returncode
             if code is not None:
                 raise self._start_failure(code)
-            status = client.health(timeout=1.0)
-            if status == "ok":
-                try:
-                    self.props = client.props()
-                    served = self.props.get("model_path")
-                    if served and os.path.abspath(served) != self.model_path:
-                        raise RequestError(f"it serves {served}")
-                except (ConnectionLost, RequestError) as exc:
-                    # Something answers /health but refuses our key or serves another
-                    # model: not our server (the port was taken in the race).
-                    if proc.returncode is not None:
-                        raise self._start_failure(proc.returncode) from exc
-                    raise ServerStartError(
-                        f"a server on port {self.port} answered /health but is not ours: {exc}"
-                    ) from exc
-                if self._progress is not None:
-                    self._progress(1.0, "ready")
-                return
             now = time.monotonic()
+            logged_ready = any(m in line for line in proc.lines_since(seen) for m in READY_MARKERS)
+            seen = proc.line_count
+            if logged_ready or now >= next_probe:
+                next_probe = now + FALLBACK_PROBE_INTERVAL
+                status = client.health(timeout=1.0)
+                if status == "ok":
+                    self._confirm_ours(proc, client)
+                    if self._progress is not None:
+                        self._progress(1.0, "ready")
+                    return
             if now >= next_progress_check:
-                next_progress_check = now + 0.25
+                next_progress_check = now + PROGRESS_INTERVAL
                 mark = _read_progress(proc.pid)
                 if mark != last_mark:
                     last_mark = mark
@@ -212,9 +213,21 @@ class Server(ProcessOwner):
                     f"(last status: {status or 'not listening'})",
                     proc.output_tail(),
                 )
-            # Wake early when the server logs something (it logs when it starts
-            # listening and when the model is loaded), else re-probe shortly.
-            seen = proc.wait_output(seen, POLL_INTERVAL)
+            # Sleep until the server logs something, or the next probe or progress sample.
+            proc.wait_output(seen, max(min(next_probe, next_progress_check) - now, 0.0))
+
+    def _confirm_ours(self, proc: ManagedProcess, client: Client) -> None:
+        """Read /props with our key: something that answers /health but refuses the
+        key or serves another model is not our server (the port was taken in the race)."""
+        try:
+            self.props = client.props()
+            served = self.props.get("model_path")
+            if served and os.path.abspath(served) != self.model_path:
+                raise RequestError(f"it serves {served}")
+        except (ConnectionLost, RequestError) as exc:
+            if proc.returncode is not None:
+                raise self._start_failure(proc.returncode) from exc
+            raise ServerStartError(f"a server on port {self.port} answered /health but is not ours: {exc}") from exc
 
     def _start_failure(self, code: int) -> ServerStartError:
         error = self._exit_error(code, "server", "before it was ready")

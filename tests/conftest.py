@@ -125,7 +125,10 @@ FAKE_SERVER = textwrap.dedent(
                 return self._send(401, {{"error": {{"code": 401, "message": "Invalid API Key"}}}})
             self._send(200, {{"fake": True}})
 
-    http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    httpd = http.server.HTTPServer(("127.0.0.1", port), Handler)
+    if mode == "logged":
+        print("srv  llama_server: model loaded", flush=True)  # llama-server's own wording
+    httpd.serve_forever()
     '''
 )
 

@@ -19,6 +19,7 @@ import pytest
 from conftest import wait_pid_gone
 
 import llamarocm
+from llamarocm import server as server_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -255,6 +256,10 @@ def test_with_block_stops_the_server(model_path, server_binary):
     with llamarocm.load_model(model_path, context_length=256, server_path=server_binary) as model:
         pid = model.server.pid
         assert model.server.alive()
+        # Readiness is read from these lines; a llama.cpp that rewords them would
+        # leave only the slower fallback probe.
+        log_text = model.server.stderr_tail(400)
+        assert any(marker in log_text for marker in server_module.READY_MARKERS), log_text
     assert not model.server.alive()
     assert wait_pid_gone(pid, 1.0)
     with pytest.raises(llamarocm.LlamaRocmError, match="closed"):

@@ -88,6 +88,22 @@ def test_a_server_without_progress_is_stopped(fake_server, model_file, monkeypat
     assert "fake llama-server starting" in info.value.stderr_tail
 
 
+def test_readiness_is_read_from_the_log(fake_server, model_file, monkeypatch):
+    # With the fallback probe an hour away, only the logged "model loaded" line can
+    # trigger the /health probe that finds the server ready.
+    monkeypatch.setattr(server_module, "FALLBACK_PROBE_INTERVAL", 3600.0)
+    monkeypatch.setenv("FAKE_MODE", "logged")
+    with Server(model_file, server_path=fake_server) as server:
+        assert server.alive() and server.props == {"fake": True}
+
+
+def test_a_silent_log_still_reaches_readiness_by_probing(fake_server, model_file, monkeypatch):
+    monkeypatch.setattr(server_module, "READY_MARKERS", ("a line no server prints",))
+    monkeypatch.setenv("FAKE_MODE", "logged")
+    with Server(model_file, server_path=fake_server) as server:
+        assert server.alive() and server.props == {"fake": True}
+
+
 def test_key_in_environment_never_on_command_line(fake_server, model_file, monkeypatch):
     monkeypatch.delenv("HIP_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # must not hijack loopback
