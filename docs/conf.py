@@ -1,7 +1,9 @@
 """Sphinx configuration for the llamarocm documentation.
 
 Build with ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
-Only Sphinx itself is needed: no network, no theme packages, no extra extensions.
+Sphinx and myst-parser are needed (the ``docs`` extra): most pages are
+reStructuredText, benchmarks.md and distributed.md are MyST Markdown. No network, no
+theme packages, no extensions beyond Sphinx's own and myst-parser.
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ version = release
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.viewcode",
+    "myst_parser",
 ]
+
+source_suffix = {
+    ".rst": "restructuredtext",
+    ".md": "markdown",
+}
+# MyST syntax extensions, only those the Markdown pages use: definition lists ("term" then
+# ": definition"), for the benchmark options and figures.
+myst_enable_extensions = ["deflist"]
 
 root_doc = "index"
 exclude_patterns = ["_build"]
