@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Optional, Sequence, Union
+import struct
+from typing import Any, Dict, Optional, Sequence, Union
 
+from ._rpc_placement import LOG_VERBOSITY_ARGS, check_placement, rpc_placement
 from .chat_templates import template_args
 from .client import Client
 from .config import LoadConfig
@@ -18,7 +20,7 @@ from .devices import check_fits, list_devices
 from .errors import DeviceError, GGUFError, ModelNotFoundError, RequestError, ServerStartError
 from .gguf import ModelInfo, read_metadata
 from .model import Model
-from .server import ProgressCallback, Server
+from .server import LOG_LINES, ProgressCallback, Server
 
 __all__ = ["load_model", "connect", "DEFAULT_CONTEXT_CAP"]
 
@@ -105,6 +107,9 @@ def load_model(
             raise ValueError(f"pooling must be one of {', '.join(POOLING_TYPES)}, got {pooling!r}")
     if progress is not None and not callable(progress):
         raise TypeError("progress must be callable(fraction, message)")
+    if cfg.rpc and cfg.gpu_layers == 0:
+        # To llama-server a worker is one more GPU: with no GPU layers it would get nothing.
+        raise ValueError("gpu_layers=0 puts no layers on the rpc workers; leave gpu_layers unset or > 0")
     model_path = os.path.abspath(cfg.model_path)
     if not os.path.exists(model_path):
         raise ModelNotFoundError(f"model file not found: {model_path}")
@@ -128,6 +133,14 @@ def load_model(
         progress=progress,
     )
     assert server.client is not None
+    placement: Dict[str, float] = {}
+    if cfg.rpc:
+        try:
+            placement = rpc_placement(server.stderr_tail(LOG_LINES))
+            check_placement(cfg.rpc, placement, server.stderr_tail())
+        except BaseException:
+            server.close()
+            raise
     no_template = None
     if template is None:
         no_template = (
@@ -144,6 +157,7 @@ def load_model(
         chat_template=template,
         no_chat_template_reason=no_template,
         embeddings=embeddings,
+        rpc_placement=placement,
     )
 
 
@@ -177,7 +191,8 @@ def _server_args(cfg: LoadConfig, ctx: int) -> "list[str]":
     if cfg.threads is not None:
         args += ["--threads", str(cfg.threads)]
     if cfg.rpc:
-        args += ["--rpc", ",".join(cfg.rpc)]
+        # Verbose enough to log where each device's weights went (checked after load).
+        args += ["--rpc", ",".join(cfg.rpc), *LOG_VERBOSITY_ARGS]
     args.extend(cfg.extra_args)
     return args
 
@@ -199,14 +214,55 @@ def _check_memory(metadata: Any, total_context: int, devices: Optional[Sequence[
     check_fits(required, devices, env=os.environ, strict=strict)
 
 
+# The RPC protocol's first message: HELLO (command 14) with its 24 bytes of
+# connection capabilities, all zero.
+_RPC_HELLO = bytes([14]) + (24).to_bytes(8, "little") + bytes(24)
+
+
 def _probe_rpc_worker(address: str) -> None:
-    # llama-server aborts (SIGABRT, deep in argument parsing) when a worker does not
-    # answer: ask first, and say which one.
+    """Raise unless the worker at ``address`` answers now.
+
+    llama-server aborts (SIGABRT, deep in argument parsing) when a worker does not
+    accept the connection, so ask first and say which one. A worker serves one client
+    at a time and leaves the others queued, unanswered: a worker busy with another
+    llama-server accepts the TCP connection but never answers our HELLO, and the new
+    server would wait on it forever. Any answer at all (a reply, or a close from a
+    worker of another protocol version) means it is ours to use.
+    """
     host, _, port = address.rpartition(":")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=RPC_PROBE_TIMEOUT).close()
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=RPC_PROBE_TIMEOUT)
     except OSError as exc:
         raise ServerStartError(f"RPC worker {address} is unreachable: {exc}") from exc
+    with sock:
+        try:
+            sock.sendall(_RPC_HELLO)
+            # The whole answer (size, then body), so that the worker never writes to a
+            # socket we closed: that kills it with SIGPIPE.
+            size = _recv_exactly(sock, 8)
+            if size is not None:
+                _recv_exactly(sock, min(int.from_bytes(size, "little"), 4096))
+        except socket.timeout:
+            # Still queued behind the worker's current client: reset the connection, so
+            # that our HELLO is never answered (into a closed socket) once it is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raise ServerStartError(
+                f"RPC worker {address} accepts connections but did not answer within {RPC_PROBE_TIMEOUT} s: "
+                "it is serving another llama-server (a worker serves one at a time), or it is hung"
+            ) from None
+        except OSError:
+            pass  # reset by a worker that refused our HELLO: it answers; llama-server will say more
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> Optional[bytes]:
+    """``n`` bytes from ``sock``, or ``None`` if it closes first."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
 
 
 def connect(url: str, api_key: Optional[str] = None) -> Model:

@@ -65,11 +65,19 @@ def _model_path(given: Optional[str]) -> str:
     return given if given else default_model_path(notify=_stderr)
 
 
+def _load(args: argparse.Namespace) -> llamarocm.Model:
+    """The model of ``generate`` and ``chat``: their shared loading options."""
+    return llamarocm.load_model(
+        _model_path(args.model),
+        server_path=args.server,
+        context_length=args.context_length,
+        rpc=args.rpc or (),
+        progress=_load_progress(),
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    path = _model_path(args.model)
-    with llamarocm.load_model(
-        path, server_path=args.server, context_length=args.context_length, progress=_load_progress()
-    ) as model:
+    with _load(args) as model:
         with model.generate(args.prompt, max_tokens=args.max_tokens, **_sampling(args)) as stream:
             for token in stream:
                 sys.stdout.write(token.text)
@@ -85,11 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    path = _model_path(args.model)
     interactive = sys.stdin.isatty()
-    with llamarocm.load_model(
-        path, server_path=args.server, context_length=args.context_length, progress=_load_progress()
-    ) as model:
+    with _load(args) as model:
         if interactive:
             _stderr("Type a message; /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
         chat_loop(
@@ -307,23 +312,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--server", metavar="PATH", help=f"{program} binary (default: searched)")
         return p
 
+    def add_loading(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", metavar="PATH", help="GGUF file (default: the embedded Gemma 3 270M)")
+        p.add_argument("--context-length", type=int, metavar="N")
+        p.add_argument("--rpc", action="append", metavar="HOST:PORT",
+                       help="an RPC worker (llamarocm rpc-worker) to put layers on; repeat for more")
+
     gen = add("generate", "Stream a completion of PROMPT to stdout.")
     gen.add_argument("prompt")
-    gen.add_argument("--model", metavar="PATH", help="GGUF file (default: the embedded Gemma 3 270M)")
+    add_loading(gen)
     gen.add_argument("--max-tokens", type=int, default=64, metavar="N")
     gen.add_argument("--temperature", type=float, metavar="T")
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--context-length", type=int, metavar="N")
     gen.add_argument("-v", "--verbose", action="store_true", help="print metrics on stderr")
     gen.set_defaults(func=cmd_generate)
 
     chat = add("chat", "Chat with a model in the terminal, keeping the conversation's history.")
-    chat.add_argument("--model", metavar="PATH", help="GGUF file (default: the embedded Gemma 3 270M)")
+    add_loading(chat)
     chat.add_argument("--system", metavar="TEXT", help="a system message to start with")
     chat.add_argument("--max-tokens", type=int, default=256, metavar="N", help="longest reply (default 256)")
     chat.add_argument("--temperature", type=float, metavar="T")
     chat.add_argument("--seed", type=int)
-    chat.add_argument("--context-length", type=int, metavar="N")
     chat.set_defaults(func=cmd_chat)
 
     models = add("models", "List the GGUF models in FOLDER (default: the current folder).")

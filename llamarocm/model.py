@@ -364,6 +364,7 @@ class Model:
         chat_template: Optional[str] = None,
         no_chat_template_reason: Optional[str] = None,
         embeddings: Optional[bool] = None,
+        rpc_placement: Optional[Dict[str, float]] = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -377,6 +378,9 @@ class Model:
         self._no_chat_template_reason = no_chat_template_reason
         #: Whether the server computes embeddings (``None``: unknown, an attached server).
         self.embeddings = embeddings
+        #: MiB of model weights the server put on each RPC worker, by address
+        #: (``{}`` without workers); every worker given to ``load_model`` holds some.
+        self.rpc_placement: Dict[str, float] = dict(rpc_placement or {})
         self._lock = threading.Lock()
         self._last_error: Optional[BaseException] = None
         self._crashed: Optional[ServerCrashedError] = None

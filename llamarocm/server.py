@@ -27,6 +27,8 @@ log = logging.getLogger("llamarocm")
 
 PORT_ATTEMPTS = 3
 HOST = "127.0.0.1"
+#: Lines of the server's log kept: room for a verbose (-lv 4) load report.
+LOG_LINES = 1000
 # Readiness comes from the log: llama-server prints one of these once the model is
 # loaded, and a single /health then confirms it. Polling instead costs a full HTTP
 # exchange per probe (the server answers 503 while loading), CPU taken from the load
@@ -146,7 +148,7 @@ class Server(ProcessOwner):
             self.url = f"http://{HOST}:{self.port}"
             try:
                 self._process = ManagedProcess(
-                    self._argv(self.port), self._env, name="llama-server", redact=[self.api_key]
+                    self._argv(self.port), self._env, name="llama-server", max_lines=LOG_LINES, redact=[self.api_key]
                 )
             except OSError as exc:
                 raise ServerStartError(f"could not run {self.binary.path}: {exc}") from exc

@@ -117,7 +117,7 @@ def test_vram_without_gpus(capsys, monkeypatch):
 
 
 @pytest.mark.integration
-def test_rpc_worker_command_serves_until_interrupted(server_binary):
+def test_rpc_worker_command_serves_a_generate_until_interrupted(model_path, server_binary):
     import signal
     import socket
 
@@ -132,6 +132,14 @@ def test_rpc_worker_command_serves_until_interrupted(server_binary):
         address = line.split(" on ")[1].split()[0]
         host, port = address.rsplit(":", 1)
         socket.create_connection((host, int(port)), timeout=5).close()
+        # The other command line: a generation whose layers run on that worker.
+        out = subprocess.run(
+            [sys.executable, "-m", "llamarocm", "generate", "1, 2, 3,", "--model", model_path, "--server",
+             server_binary, "--rpc", address, "--max-tokens", "4", "--temperature", "0", "--context-length", "256"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip(), out.stderr
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 130
     finally:

@@ -17,6 +17,7 @@ from conftest import wait_pid_gone, write_script
 
 import llamarocm
 from llamarocm._binaries import find_binary
+from llamarocm._rpc_placement import check_placement, rpc_placement
 from llamarocm.devices import device_environment
 from llamarocm.rpc import PORT_ATTEMPTS, RpcWorker, _is_loopback, _listener_owner
 
@@ -109,6 +110,38 @@ def _environ(pid: int) -> dict:
 def _rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# -- where the server put the weights ----------------------------------------------
+
+LOAD_LOG = """\
+0.01.656.990 I load_tensors: offloaded 19/19 layers to GPU
+0.01.656.998 I load_tensors:   CPU_Mapped model buffer size =   170.00 MiB
+0.01.656.999 I load_tensors: RPC0[127.0.0.1:34673] model buffer size =   199.34 MiB
+0.01.657.001 I load_tensors: RPC0[127.0.0.1:43149] model buffer size =    35.82 MiB
+0.02.367.971 I llama_kv_cache: RPC0[127.0.0.1:34673] KV buffer size =     0.50 MiB
+0.02.379.035 I sched_reserve: RPC0[127.0.0.1:43149] compute buffer size =    17.42 MiB
+"""
+
+
+def test_placement_is_read_from_the_load_report():
+    # Weights only: KV cache and compute buffers are not layers.
+    assert rpc_placement(LOAD_LOG) == {"127.0.0.1:34673": 199.34, "127.0.0.1:43149": 35.82}
+    assert rpc_placement("llama_server: model loaded") == {}
+
+
+def test_a_worker_without_weights_is_named():
+    placement = rpc_placement(LOAD_LOG)
+    check_placement(["127.0.0.1:34673", "127.0.0.1:43149"], placement, "")
+    with pytest.raises(llamarocm.ServerStartError, match=r"no model layers on RPC worker 127\.0\.0\.1:9 ") as info:
+        check_placement(["127.0.0.1:34673", "127.0.0.1:9"], placement, "the log")
+    assert "127.0.0.1:34673 199.3 MiB" in str(info.value) and info.value.stderr_tail == "the log"
+
+
+def test_a_silent_load_report_is_a_warning_not_an_error(caplog):
+    with caplog.at_level("WARNING", logger="llamarocm"):
+        check_placement(["127.0.0.1:34673"], {}, "")
+    assert "could not verify" in caplog.text
 
 
 # -- arguments and security ---------------------------------------------------------
@@ -365,6 +398,9 @@ def test_a_model_split_across_two_workers_matches_a_local_run(model_path, server
             # The weights are in the workers' memory, not only mapped by the server.
             for w in (a, b):
                 assert _rss_mib(w.pid) - idle[w.pid] > 20, w.output_tail()
+            # The server's own report agrees: both workers hold weights.
+            assert set(model.rpc_placement) == {a.address, b.address}
+            assert all(mib > 20 for mib in model.rpc_placement.values()), model.rpc_placement
             got = _generate(model, prompts)
             # Again: two runs over RPC agree with each other too.
             assert _generate(model, prompts[:1]) == got[:1]
@@ -392,6 +428,31 @@ def test_a_worker_killed_mid_stream_is_a_typed_error(model_path, server_binary, 
         assert worker.returncode == -signal.SIGKILL
 
 
+def test_a_worker_busy_with_another_server_is_named_and_survives(model_path, server_binary, rpc_binary):
+    with RpcWorker(server_path=rpc_binary) as worker:
+        with llamarocm.load_model(model_path, context_length=256, server_path=server_binary, rpc=[worker]) as first:
+            # A worker serves one client at a time: a second server would wait forever.
+            with pytest.raises(llamarocm.ServerStartError, match=f"RPC worker {worker.address} .* serving another"):
+                llamarocm.load_model(model_path, context_length=256, server_path=server_binary, rpc=[worker])
+            assert first.generate("1, 2,", max_tokens=2, **GREEDY).text()
+        # The refused probe left nothing behind that could hurt the worker later.
+        with llamarocm.load_model(model_path, context_length=256, server_path=server_binary, rpc=[worker]) as again:
+            assert again.rpc_placement[worker.address] > 0
+        assert worker.alive()
+
+
+def test_a_worker_given_no_layers_fails_the_load(model_path, server_binary, rpc_binary):
+    from conftest import llama_server_pids
+
+    before = llama_server_pids()
+    with RpcWorker(server_path=rpc_binary) as a, RpcWorker(server_path=rpc_binary) as b:
+        # Reachable, but the split gives it nothing: llama-server itself would not say.
+        with pytest.raises(llamarocm.ServerStartError, match=f"no model layers on RPC worker {b.address} "):
+            llamarocm.load_model(model_path, context_length=256, server_path=server_binary, rpc=[a, b],
+                                 extra_args=["--tensor-split", "1,0"])
+    assert llama_server_pids() == before
+
+
 def test_an_unreachable_worker_is_named_before_anything_starts(model_path, server_binary):
     from conftest import llama_server_pids
 
@@ -403,4 +464,6 @@ def test_an_unreachable_worker_is_named_before_anything_starts(model_path, serve
         llamarocm.load_model(model_path, server_path=server_binary, rpc=[f"127.0.0.1:{free}"])
     with pytest.raises(ValueError, match="host:port"):
         llamarocm.load_model(model_path, server_path=server_binary, rpc=["nowhere"])
+    with pytest.raises(ValueError, match="gpu_layers=0 puts no layers on the rpc workers"):
+        llamarocm.load_model(model_path, server_path=server_binary, rpc=[f"127.0.0.1:{free}"], gpu_layers=0)
     assert llama_server_pids() == before
