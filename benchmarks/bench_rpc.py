@@ -1,7 +1,7 @@
 """A model split over llama.cpp RPC workers against the same model run locally.
 
     python benchmarks/bench_rpc.py [--model PATH] [--server PATH] [--rpc-server PATH]
-                                   [--tokens N] [--repeat N] [--output FILE]
+                                   [--worker-threads N] [--tokens N] [--repeat N] [--output FILE]
 
 Three servers on the same GGUF file, all loaded at once and measured in turn, in
 rotating order, ``--repeat`` times: **local** (``--no-repack``: RPC never repacks
@@ -65,7 +65,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     common = {"context_length": 512, "server_path": args.server}
     with ExitStack() as stack:
         # A worker serves one llama-server at a time: three, for two servers loaded at once.
-        workers = [stack.enter_context(llamarocm.RpcWorker(server_path=args.rpc_server)) for _ in range(3)]
+        workers = [
+            stack.enter_context(llamarocm.RpcWorker(server_path=args.rpc_server, threads=args.worker_threads))
+            for _ in range(3)
+        ]
         loads: Dict[str, float] = {}
         models: Dict[str, llamarocm.Model] = {}
         for name, kwargs in (
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "model": model_path,
             "load_average": list(os.getloadavg()),
         },
-        "options": {"tokens": args.tokens, "repeat": args.repeat, "prompt": PROMPT, "context_length": 512},
+        "options": {"tokens": args.tokens, "repeat": args.repeat, "prompt": PROMPT, "context_length": 512,
+                    "worker_threads": args.worker_threads},
         "configs": configs,
     }
 
@@ -135,6 +139,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--model", help="GGUF file (default: the embedded Gemma 3 270M)")
     parser.add_argument("--server", help="llama-server binary (default: searched)")
     parser.add_argument("--rpc-server", help="ggml-rpc-server binary (default: searched)")
+    parser.add_argument("--worker-threads", type=int, help="each worker's CPU threads (default: the worker's own)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--output", default=str(HERE / "results" / "rpc.json"))

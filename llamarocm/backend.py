@@ -226,8 +226,8 @@ def _probe_rpc_worker(address: str) -> None:
     accept the connection, so ask first and say which one. A worker serves one client
     at a time and leaves the others queued, unanswered: a worker busy with another
     llama-server accepts the TCP connection but never answers our HELLO, and the new
-    server would wait on it forever. Any answer at all (a reply, or a close from a
-    worker of another protocol version) means it is ours to use.
+    server would wait on it forever. A close without an answer is a tunnel to a worker
+    that is down, or a worker of another protocol version: llama-server would fail too.
     """
     host, _, port = address.rpartition(":")
     try:
@@ -242,6 +242,8 @@ def _probe_rpc_worker(address: str) -> None:
             size = _recv_exactly(sock, 8)
             if size is not None:
                 _recv_exactly(sock, min(int.from_bytes(size, "little"), 4096))
+        except ConnectionError:
+            size = None
         except socket.timeout:
             # Still queued behind the worker's current client: reset the connection, so
             # that our HELLO is never answered (into a closed socket) once it is free.
@@ -250,8 +252,13 @@ def _probe_rpc_worker(address: str) -> None:
                 f"RPC worker {address} accepts connections but did not answer within {RPC_PROBE_TIMEOUT} s: "
                 "it is serving another llama-server (a worker serves one at a time), or it is hung"
             ) from None
-        except OSError:
-            pass  # reset by a worker that refused our HELLO: it answers; llama-server will say more
+        except OSError as exc:
+            raise ServerStartError(f"RPC worker {address} failed during the handshake: {exc}") from exc
+    if size is None:
+        raise ServerStartError(
+            f"RPC worker {address} closed the connection without answering: an SSH tunnel whose worker "
+            "is down, or a ggml-rpc-server from another llama.cpp build (the protocol must match)"
+        )
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> Optional[bytes]:

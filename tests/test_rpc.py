@@ -16,6 +16,7 @@ import pytest
 from conftest import wait_pid_gone, write_script
 
 import llamarocm
+from llamarocm import backend
 from llamarocm._binaries import find_binary
 from llamarocm._rpc_placement import check_placement, rpc_placement
 from llamarocm.devices import device_environment
@@ -142,6 +143,31 @@ def test_a_silent_load_report_is_a_warning_not_an_error(caplog):
     with caplog.at_level("WARNING", logger="llamarocm"):
         check_placement(["127.0.0.1:34673"], {}, "")
     assert "could not verify" in caplog.text
+
+
+def test_a_listener_that_closes_without_answering_is_not_a_worker():
+    # What the local end of an SSH tunnel does when the worker behind it is down.
+    import threading
+
+    with _listening_socket() as listener:
+        def accept_and_close():
+            conn, _ = listener.accept()
+            conn.close()
+
+        closer = threading.Thread(target=accept_and_close)
+        closer.start()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(llamarocm.ServerStartError, match="closed the connection without answering"):
+            backend._probe_rpc_worker(address)
+        closer.join(5)
+
+
+def test_a_listener_that_never_answers_is_named_busy(monkeypatch):
+    monkeypatch.setattr(backend, "RPC_PROBE_TIMEOUT", 0.2)
+    with _listening_socket() as listener:  # never accepts: the connection waits in the queue
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(llamarocm.ServerStartError, match="serving another llama-server"):
+            backend._probe_rpc_worker(address)
 
 
 # -- arguments and security ---------------------------------------------------------
