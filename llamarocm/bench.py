@@ -457,7 +457,7 @@ class Options:
     gpu_layers: Any = None
     server_threads: Optional[int] = None
     repeat: int = 5
-    startup_repeat: int = 10
+    startup_repeat: int = 20
     ttft_repeat: int = 10
     decode_tokens: int = 128
     replay_tokens: int = 256
@@ -1078,8 +1078,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, server: bool = True) -> No
     parser.add_argument("--server-threads", type=int, metavar="N", help="load_model(threads=...)")
     parser.add_argument("--repeat", type=int, default=5, metavar="N",
                         help="pairs (ours, baseline) of decode streams (default 5)")
-    parser.add_argument("--startup-repeat", type=int, default=10, metavar="N",
-                        help="pairs (ours, baseline) of start-ups (default 10)")
+    parser.add_argument("--startup-repeat", type=int, default=20, metavar="N",
+                        help="pairs (ours, baseline) of start-ups (default 20)")
     parser.add_argument("--ttft-repeat", type=int, default=10, metavar="N", help="pairs for TTFT (default 10)")
     parser.add_argument("--fresh-prompt", action="store_true",
                         help="time to first token with an uncached prompt every request (default: cached)")

@@ -76,8 +76,8 @@ class Client:
         """The server's status: ``"ok"``, ``"loading"``, another word, or ``None`` when
         nothing answers on the port yet.
 
-        Plain ``http.client``: start-up polls this every few milliseconds while the
-        server loads, and requests' machinery would cost that server CPU it needs.
+        Plain ``http.client``: start-up probes this while the server loads, and
+        requests' machinery would cost that server CPU it needs.
         """
         conn = self._connection(timeout)
         try:
