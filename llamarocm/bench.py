@@ -467,8 +467,8 @@ class Options:
     slots: Tuple[int, int] = (1, 4)
     agg_tokens: int = 32
     agg_requests: int = 8
-    agg_repeat: int = 3
-    agg_budget: float = 240.0
+    agg_repeat: int = 5
+    agg_budget: float = 300.0
     sweep_slots: Tuple[int, ...] = (1, 2, 4)
     sweep_threads: Tuple[int, ...] = (1, 2, 4, 8)
     fresh_prompt: bool = False
@@ -1096,10 +1096,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, server: bool = True) -> No
     parser.add_argument("--agg-tokens", type=int, default=32, metavar="N", help="tokens per aggregate request")
     parser.add_argument("--agg-requests", type=int, default=8, metavar="N",
                         help="requests per aggregate run (at least the client threads) (default 8)")
-    parser.add_argument("--agg-repeat", type=int, default=3, metavar="N",
-                        help="repetitions of the table's two aggregate points (default 3)")
-    parser.add_argument("--agg-budget", type=float, default=240.0, metavar="SECONDS",
-                        help="skip the plot's remaining sweep points after this long (default 240)")
+    parser.add_argument("--agg-repeat", type=int, default=5, metavar="N",
+                        help="repetitions of the table's two aggregate points (default 5)")
+    parser.add_argument("--agg-budget", type=float, default=300.0, metavar="SECONDS",
+                        help="skip the plot's remaining sweep points after this long (default 300)")
     parser.add_argument("--sweep-slots", type=_int_list, default=(1, 2, 4), metavar="LIST",
                         help="parallel= values in the plot (default 1,2,4)")
     parser.add_argument("--sweep-threads", type=_int_list, default=(1, 2, 4, 8), metavar="LIST",
