@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Deque, Dict, List, Optional, Sequence
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 from ._binaries import label_of, unsupported_cpu_message
 from .errors import ServerStartError
@@ -256,14 +256,14 @@ class ManagedProcess:
         with self._output.changed:
             return self._output.count
 
-    def lines_since(self, seen: int) -> List[str]:
-        """The lines printed after the first ``seen`` (those still in the ring buffer)."""
+    def lines_since(self, seen: int) -> Tuple[List[str], int]:
+        """The lines printed after the first ``seen`` (those still in the ring buffer),
+        and the line count they bring it to: read together, so no line slips between."""
         with self._output.changed:
-            new = self._output.count - seen
-            if new <= 0:
-                return []
-            lines = list(self._output.lines)
-        return lines[-new:]
+            count = self._output.count
+            new = min(count - seen, len(self._output.lines))
+            lines = list(self._output.lines)[-new:] if new > 0 else []
+        return lines, count
 
     def wait_output(self, seen: int, timeout: float) -> int:
         """Block until more than ``seen`` lines were printed, the output ends, or

@@ -190,8 +190,8 @@ class Server(ProcessOwner):
             if code is not None:
                 raise self._start_failure(code)
             now = time.monotonic()
-            logged_ready = any(m in line for line in proc.lines_since(seen) for m in READY_MARKERS)
-            seen = proc.line_count
+            lines, seen = proc.lines_since(seen)
+            logged_ready = any(marker in line for line in lines for marker in READY_MARKERS)
             if logged_ready or now >= next_probe:
                 next_probe = now + FALLBACK_PROBE_INTERVAL
                 status = client.health(timeout=1.0)

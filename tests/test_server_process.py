@@ -144,3 +144,21 @@ def _zombie_or_gone(pid: int) -> bool:
             return f.read().split(")")[1].split()[0] in ("Z", "X")
     except OSError:
         return True
+
+
+def test_new_output_lines_are_read_with_their_count():
+    import sys
+
+    from llamarocm._process import ManagedProcess
+
+    proc = ManagedProcess([sys.executable, "-c", "print('a'); print('b'); print('c')"], dict(os.environ), max_lines=2)
+    try:
+        proc.wait(30)
+        proc.wait_drained(30)
+        assert proc.lines_since(1) == (["b\n", "c\n"], 3)
+        assert proc.lines_since(2) == (["c\n"], 3)
+        assert proc.lines_since(3) == ([], 3)
+        # Lines that have left the ring buffer are gone, not repeated.
+        assert proc.lines_since(0) == (["b\n", "c\n"], 3)
+    finally:
+        proc.stop()
