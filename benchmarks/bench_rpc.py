@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from contextlib import ExitStack
@@ -35,18 +34,10 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import llamarocm  # noqa: E402
 from llamarocm._default_model import default_model_path  # noqa: E402
+from llamarocm.bench import _stats  # noqa: E402  (min / median / max / runs, as in llamarocm bench)
 
 PROMPT = "Once upon a time"
 CONFIGS = ("local", "1 worker", "2 workers")
-
-
-def _stats(samples: List[float], digits: int = 2) -> Dict[str, Any]:
-    return {
-        "min": round(min(samples), digits),
-        "median": round(statistics.median(samples), digits),
-        "max": round(max(samples), digits),
-        "runs": len(samples),
-    }
 
 
 def _generate(model: llamarocm.Model, tokens: int) -> Dict[str, Any]:
@@ -92,7 +83,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             configs[name] = {
                 "load_s": round(loads[name], 3),
                 "wall_s": _stats([r["wall_s"] for r in runs[name]], 3),
-                "decode_tok_s": _stats([r["decode_tok_s"] for r in runs[name]]),
+                "decode_tok_s": _stats([r["decode_tok_s"] for r in runs[name]], 2),
                 "same_tokens_as_local": all(r["ids"] == reference for r in runs[name]),
                 "rpc_placement_mib": models[name].rpc_placement,
             }

@@ -72,3 +72,27 @@ def test_bench_quick_aggregate_writes_json_and_plot(tmp_path, model_path, server
     assert {(p["slots"], p["threads"]) for p in points} == {(1, 2), (2, 2)}
     if result["figures"]["aggregate"]["plot"]:  # None without matplotlib (not a test dependency)
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(180)
+def test_rpc_benchmark_writes_json(tmp_path, model_path, server_binary):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llamarocm._binaries import find_binary
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_rpc.py"
+    out = tmp_path / "rpc.json"
+    done = subprocess.run(
+        [sys.executable, str(script), "--model", model_path, "--server", server_binary,
+         "--rpc-server", find_binary("rpc").path, "--tokens", "4", "--repeat", "1", "--output", str(out)],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=170,
+    )
+    assert done.returncode == 0, done.stderr
+    configs = json.loads(out.read_text())["configs"]
+    assert set(configs) == {"local", "1 worker", "2 workers"}
+    # Over workers the weights really moved, and the greedy tokens are the local run's.
+    assert len(configs["2 workers"]["rpc_placement_mib"]) == 2
+    assert all(c["same_tokens_as_local"] for c in configs.values())
+    assert all(c["decode_tok_s"]["runs"] == 1 for c in configs.values())
