@@ -121,8 +121,20 @@ def load_model(
     template_flags, template = template_args(chat_template, metadata.chat_template, metadata.architecture)
     if cfg.gpu_layers != 0:
         _check_memory(metadata, ctx * cfg.parallel, cfg.devices, strict)
-    for address in cfg.rpc:
-        _probe_rpc_worker(address)
+    # Every start of this server (restarts too) probes the workers first and checks
+    # where the weights went after; Model.rpc_placement is this very dict.
+    placement: Dict[str, float] = {}
+
+    def probe_workers() -> None:
+        for address in cfg.rpc:
+            _probe_rpc_worker(address)
+
+    def check_workers(server: Server) -> None:
+        found = rpc_placement(server.stderr_tail(LOG_LINES))
+        check_placement(cfg.rpc, found, server.stderr_tail())
+        placement.clear()
+        placement.update(found)
+
     embedding_flags = ["--embeddings", "--pooling", pooling or "mean"] if embeddings else []
     server = Server(
         model_path,
@@ -131,16 +143,10 @@ def load_model(
         devices=cfg.devices,
         startup_timeout=cfg.startup_timeout,
         progress=progress,
+        before_start=probe_workers if cfg.rpc else None,
+        on_ready=check_workers if cfg.rpc else None,
     )
     assert server.client is not None
-    placement: Dict[str, float] = {}
-    if cfg.rpc:
-        try:
-            placement = rpc_placement(server.stderr_tail(LOG_LINES))
-            check_placement(cfg.rpc, placement, server.stderr_tail())
-        except BaseException:
-            server.close()
-            raise
     no_template = None
     if template is None:
         no_template = (

@@ -380,7 +380,8 @@ class Model:
         self.embeddings = embeddings
         #: MiB of model weights the server put on each RPC worker, by address
         #: (``{}`` without workers); every worker given to ``load_model`` holds some.
-        self.rpc_placement: Dict[str, float] = dict(rpc_placement or {})
+        #: Checked again, and updated, by :meth:`restart`.
+        self.rpc_placement: Dict[str, float] = rpc_placement if rpc_placement is not None else {}
         self._lock = threading.Lock()
         self._last_error: Optional[BaseException] = None
         self._crashed: Optional[ServerCrashedError] = None

@@ -94,6 +94,8 @@ class Server(ProcessOwner):
     ``startup_timeout`` is the longest the start may go *without progress* (the
     child reading the model file or growing); a slow disk is waited for, a hung
     server is not. ``progress(fraction, message)`` is called while it loads.
+    ``before_start()`` runs before every start (restarts too) and ``on_ready(server)``
+    once it is ready; either may raise to refuse the start, which stops the process.
 
     >>> with Server("gemma.gguf", ["-c", "4096"]) as server:  # doctest: +SKIP
     ...     print(server.url, server.alive())
@@ -110,6 +112,8 @@ class Server(ProcessOwner):
         startup_timeout: float = 120.0,
         progress: Optional[ProgressCallback] = None,
         env: Optional[Dict[str, str]] = None,
+        before_start: Optional[Callable[[], None]] = None,
+        on_ready: Optional[Callable[["Server"], None]] = None,
     ) -> None:
         self.model_path = os.path.abspath(os.fspath(model_path))
         _check_model_file(self.model_path)
@@ -119,6 +123,10 @@ class Server(ProcessOwner):
         self._args = list(args)
         self._startup_timeout = startup_timeout
         self._progress = progress
+        # Checks of what the server depends on (run before every start, restarts too)
+        # and of what it did (run once it is ready; raising fails the start).
+        self._before_start = before_start
+        self._on_ready = on_ready
         self.api_key = secrets.token_urlsafe(32)
         base_env = dict(os.environ if env is None else env)
         base_env.update(self.binary.env)
@@ -142,6 +150,8 @@ class Server(ProcessOwner):
         return [self.binary.path, "--host", HOST, "--port", str(port), "-m", self.model_path, *self._args]
 
     def _start(self) -> None:
+        if self._before_start is not None:
+            self._before_start()
         last_error: Optional[ServerStartError] = None
         for attempt in range(1, PORT_ATTEMPTS + 1):
             self.port = _free_port()
@@ -155,6 +165,8 @@ class Server(ProcessOwner):
             self.client = Client(self.url, self.api_key)
             try:
                 self._wait_ready()
+                if self._on_ready is not None:
+                    self._on_ready(self)
                 log.info("llama-server pid %d ready at %s (%s)", self.pid, self.url, self.binary.source)
                 return
             except ServerStartError as exc:

@@ -451,7 +451,17 @@ def test_a_worker_killed_mid_stream_is_a_typed_error(model_path, server_binary, 
                 for _ in stream:
                     pass
             assert not model.server.alive()
-        assert worker.returncode == -signal.SIGKILL
+            assert worker.returncode == -signal.SIGKILL
+            # A restart probes the workers again: the dead one is named, nothing starts.
+            with pytest.raises(llamarocm.ServerStartError, match=f"RPC worker {worker.address} is unreachable"):
+                model.restart()
+            assert not model.server.alive()
+            # The documented way back: the worker again on its address, then restart().
+            with RpcWorker(port=worker.port, server_path=rpc_binary) as revived:
+                model.restart()
+                assert model.rpc_placement == {revived.address: model.rpc_placement[revived.address]}
+                assert model.rpc_placement[revived.address] > 0
+                assert model.generate("1, 2,", max_tokens=2, **GREEDY).text()
 
 
 def test_a_worker_busy_with_another_server_is_named_and_survives(model_path, server_binary, rpc_binary):

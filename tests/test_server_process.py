@@ -162,3 +162,34 @@ def test_new_output_lines_are_read_with_their_count():
         assert proc.lines_since(0) == (["b\n", "c\n"], 3)
     finally:
         proc.stop()
+
+
+def test_start_hooks_run_around_every_start_and_can_refuse_it(fake_server, model_file):
+    from conftest import llama_server_pids, wait_pid_gone
+
+    calls = []
+
+    def refuse(server):
+        calls.append(("ready", server.pid))
+        raise llamarocm.ServerStartError("refused by the check")
+
+    before = llama_server_pids()
+    with pytest.raises(llamarocm.ServerStartError, match="refused by the check"):
+        Server(model_file, server_path=fake_server, before_start=lambda: calls.append("before"), on_ready=refuse)
+    assert calls[0] == "before" and calls[1][0] == "ready"
+    assert wait_pid_gone(calls[1][1], 5.0)  # the checked server was stopped
+    assert llama_server_pids() == before
+
+    def not_now():
+        raise ValueError("not now")
+
+    with pytest.raises(ValueError, match="not now"):
+        Server(model_file, server_path=fake_server, before_start=not_now)
+    assert llama_server_pids() == before
+
+    seen = []
+    with Server(model_file, server_path=fake_server, before_start=lambda: seen.append("before"),
+                on_ready=lambda s: seen.append(s.pid)) as server:
+        first = server.pid
+        server.restart()
+        assert seen == ["before", first, "before", server.pid] and server.pid != first
