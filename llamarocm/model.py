@@ -566,7 +566,8 @@ class Model:
 
         Open streams are cancelled; a crash recorded before is forgotten. Nothing ever
         restarts on its own: this is the explicit way back after a
-        :class:`~llamarocm.ServerCrashedError`.
+        :class:`~llamarocm.ServerCrashedError`. RPC workers are probed and their share
+        of the weights checked again, as by ``load_model``.
         """
         if self.server is None:
             raise LlamaRocmError("this model is attached to a server it did not start: it cannot restart it")
