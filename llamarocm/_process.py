@@ -256,6 +256,12 @@ class ManagedProcess:
         with self._output.changed:
             return self._output.count
 
+    @property
+    def output_ended(self) -> bool:
+        """True once the child's output pipe is closed (it exited, or closed it)."""
+        with self._output.changed:
+            return self._output.ended
+
     def lines_since(self, seen: int) -> Tuple[List[str], int]:
         """The lines printed after the first ``seen`` (those still in the ring buffer),
         and the line count they bring it to: read together, so no line slips between."""

@@ -126,6 +126,7 @@ def load_model(
     placement: Dict[str, float] = {}
 
     def probe_workers() -> None:
+        placement.clear()  # what a stopped server had placed is no longer anywhere
         for address in cfg.rpc:
             _probe_rpc_worker(address)
 
@@ -237,23 +238,30 @@ def _probe_rpc_worker(address: str) -> None:
     """
     host, _, port = address.rpartition(":")
     try:
-        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=RPC_PROBE_TIMEOUT)
+        sock = socket.create_connection((host, int(port)), timeout=RPC_PROBE_TIMEOUT)
+    except socket.timeout:
+        raise ServerStartError(
+            f"RPC worker {address} did not accept a connection within {RPC_PROBE_TIMEOUT} s: it is unreachable, "
+            "or busy serving another llama-server (a worker serves one at a time)"
+        ) from None
     except OSError as exc:
         raise ServerStartError(f"RPC worker {address} is unreachable: {exc}") from exc
     with sock:
+        # Closed with a reset on every path: should the worker answer later (we gave
+        # up, or were interrupted), it must find the connection gone, not write into a
+        # closed socket, which kills it with SIGPIPE.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         try:
             sock.sendall(_RPC_HELLO)
-            # The whole answer (size, then body), so that the worker never writes to a
-            # socket we closed: that kills it with SIGPIPE.
+            # The whole answer: a little-endian size, then a body of a few bytes (the
+            # protocol version and capabilities).
             size = _recv_exactly(sock, 8)
-            if size is not None:
-                _recv_exactly(sock, min(int.from_bytes(size, "little"), 4096))
+            body = None
+            if size is not None and 3 <= int.from_bytes(size, "little") <= 4096:
+                body = _recv_exactly(sock, int.from_bytes(size, "little"))
         except ConnectionError:
-            size = None
+            size = body = None
         except socket.timeout:
-            # Still queued behind the worker's current client: reset the connection, so
-            # that our HELLO is never answered (into a closed socket) once it is free.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             raise ServerStartError(
                 f"RPC worker {address} accepts connections but did not answer within {RPC_PROBE_TIMEOUT} s: "
                 "it is serving another llama-server (a worker serves one at a time), or it is hung"
@@ -265,6 +273,8 @@ def _probe_rpc_worker(address: str) -> None:
             f"RPC worker {address} closed the connection without answering: an SSH tunnel whose worker "
             "is down, or a ggml-rpc-server from another llama.cpp build (the protocol must match)"
         )
+    if body is None:
+        raise ServerStartError(f"{address} answered, but not as a ggml-rpc-server of this protocol")
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> Optional[bytes]:

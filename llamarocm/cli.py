@@ -71,7 +71,8 @@ def _load(args: argparse.Namespace) -> llamarocm.Model:
         _model_path(args.model),
         server_path=args.server,
         context_length=args.context_length,
-        rpc=args.rpc or (),
+        # llama-server's own syntax (one comma-separated list) is accepted too.
+        rpc=[address for item in args.rpc or () for address in item.split(",") if address],
         progress=_load_progress(),
     )
 
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", metavar="PATH", help="GGUF file (default: the embedded Gemma 3 270M)")
         p.add_argument("--context-length", type=int, metavar="N")
         p.add_argument("--rpc", action="append", metavar="HOST:PORT",
-                       help="an RPC worker (llamarocm rpc-worker) to put layers on; repeat for more")
+                       help="an RPC worker (llamarocm rpc-worker) to put layers on; repeat, or list with commas")
 
     gen = add("generate", "Stream a completion of PROMPT to stdout.")
     gen.add_argument("prompt")

@@ -246,7 +246,12 @@ class LoadConfig:
         object.__setattr__(self, "extra_args", extra_args)
         rpc = _string_tuple("rpc", self.rpc)
         for address in rpc:
+            if "," in address:
+                raise ValueError(f"rpc takes one address per item: rpc={address.split(',')!r}, not {address!r}")
             host, _, port = address.rpartition(":")
             if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
                 raise ValueError(f"rpc addresses must be 'host:port', got {address!r}")
+            if ":" in host:
+                # llama.cpp splits the endpoint at its first colon and resolves IPv4 only.
+                raise ValueError(f"rpc workers are reached over IPv4 (a name or a dotted address), got {address!r}")
         object.__setattr__(self, "rpc", rpc)

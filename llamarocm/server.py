@@ -34,8 +34,9 @@ LOG_LINES = 1000
 # exchange per probe (the server answers 503 while loading), CPU taken from the load
 # on small machines, and up to one interval of idle wait.
 READY_MARKERS = ("model loaded", "listening on", "all slots are idle")
-# The probe interval when the log says nothing we recognise (another build's wording,
-# or logging turned down in extra_args): readiness is still found, only later.
+# Probes also run this often whatever the log says, so that a build that words its log
+# differently, or logging turned down in extra_args, still reaches readiness, only later:
+# about 35 probes in a 1.8 s load instead of 360 at 5 ms.
 FALLBACK_PROBE_INTERVAL = 0.05
 # How often load progress (/proc/<pid>/io and statm) is sampled.
 PROGRESS_INTERVAL = 0.25
@@ -167,6 +168,8 @@ class Server(ProcessOwner):
                 self._wait_ready()
                 if self._on_ready is not None:
                     self._on_ready(self)
+                if self._progress is not None:
+                    self._progress(1.0, "ready")
                 log.info("llama-server pid %d ready at %s (%s)", self.pid, self.url, self.binary.source)
                 return
             except ServerStartError as exc:
@@ -209,8 +212,6 @@ class Server(ProcessOwner):
                 status = client.health(timeout=1.0)
                 if status == "ok":
                     self._confirm_ours(proc, client)
-                    if self._progress is not None:
-                        self._progress(1.0, "ready")
                     return
             if now >= next_progress_check:
                 next_progress_check = now + PROGRESS_INTERVAL
@@ -228,7 +229,11 @@ class Server(ProcessOwner):
                     proc.output_tail(),
                 )
             # Sleep until the server logs something, or the next probe or progress sample.
-            proc.wait_output(seen, max(min(next_probe, next_progress_check) - now, 0.0))
+            pause = max(min(next_probe, next_progress_check) - now, 0.0)
+            if proc.output_ended:
+                proc.wait(pause)  # nothing more will be logged: wait for the exit itself, not spin
+            else:
+                proc.wait_output(seen, pause)
 
     def _confirm_ours(self, proc: ManagedProcess, client: Client) -> None:
         """Read /props with our key: something that answers /health but refuses the

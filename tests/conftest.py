@@ -53,6 +53,16 @@ def server_binary() -> str:
 
 
 @pytest.fixture(scope="session")
+def rpc_binary() -> str:
+    """ggml-rpc-server from the same build as the llama-server the tests use."""
+    try:
+        return find_binary("rpc").path
+    except llamarocm.ServerNotFoundError as exc:
+        _unavailable(f"no ggml-rpc-server: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
 def shared_model(model_path: str, server_binary: str):
     """One model with 4 slots for every test that only sends requests."""
     with llamarocm.load_model(model_path, parallel=4, context_length=1024, server_path=server_binary) as model:
@@ -125,6 +135,9 @@ FAKE_SERVER = textwrap.dedent(
                 return self._send(401, {{"error": {{"code": 401, "message": "Invalid API Key"}}}})
             self._send(200, {{"fake": True}})
 
+    if mode == "closed-output":
+        os.close(1)
+        os.close(2)
     httpd = http.server.HTTPServer(("127.0.0.1", port), Handler)
     if mode == "logged":
         print("srv  llama_server: model loaded", flush=True)  # llama-server's own wording

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import llamarocm
 from llamarocm.cli import chat_loop, main
 
 pytestmark = pytest.mark.timeout(120)
@@ -176,3 +177,17 @@ def test_loading_shows_progress_only_on_a_terminal(model_path, server_binary):
     assert b"\x1b[K" in shown  # the progress line, cleared once the model is ready
     piped = subprocess.run(args, capture_output=True, stdin=subprocess.DEVNULL, timeout=100)
     assert piped.returncode == 0 and b"loading model" not in piped.stderr and b"\x1b[K" not in piped.stderr
+
+
+def test_rpc_workers_may_be_repeated_or_comma_separated(monkeypatch, capsys):
+    seen = {}
+
+    def fake_load_model(path, **kwargs):
+        seen.update(kwargs, path=path)
+        raise llamarocm.ServerStartError("stop here")
+
+    monkeypatch.setattr("llamarocm.load_model", fake_load_model)
+    args = ["generate", "x", "--model", "m.gguf", "--rpc", "a:1,b:2", "--rpc", "c:3"]
+    assert main(args) == 1
+    assert seen["rpc"] == ["a:1", "b:2", "c:3"] and seen["path"] == "m.gguf"
+    assert "stop here" in capsys.readouterr().err

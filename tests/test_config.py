@@ -91,3 +91,19 @@ def test_load_config_accepts_all_gpu_layer_forms():
     assert LoadConfig("m.gguf", gpu_layers="all").gpu_layers == "all"
     assert LoadConfig("m.gguf", gpu_layers=0).gpu_layers == 0
     assert LoadConfig("m.gguf", devices=[0, 1]).devices == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "address, message",
+    [
+        ("nowhere", "must be 'host:port'"),
+        ("127.0.0.1:0", "must be 'host:port'"),
+        ("127.0.0.1:1,127.0.0.1:2", r"one address per item: rpc=\['127.0.0.1:1', '127.0.0.1:2'\]"),
+        ("[::1]:50052", "IPv4"),
+        ("::1:50052", "IPv4"),
+    ],
+)
+def test_rpc_addresses_llama_cpp_cannot_use_are_refused(address, message):
+    with pytest.raises(ValueError, match=message):
+        LoadConfig("m.gguf", rpc=(address,))
+    assert LoadConfig("m.gguf", rpc=("gpu-box:50052", "10.0.0.2:50052")).rpc == ("gpu-box:50052", "10.0.0.2:50052")

@@ -257,8 +257,13 @@ def test_with_block_stops_the_server(model_path, server_binary):
         pid = model.server.pid
         assert model.server.alive()
         # Readiness is read from these lines; a llama.cpp that rewords them would
-        # leave only the slower fallback probe.
+        # leave only the slower fallback probe. (The probe may have found the server
+        # ready a moment before the line reached us: wait for output, not for time.)
+        proc, deadline = model.server._process, time.monotonic() + 10
         log_text = model.server.stderr_tail(400)
+        while not any(m in log_text for m in server_module.READY_MARKERS) and time.monotonic() < deadline:
+            proc.wait_output(proc.line_count, deadline - time.monotonic())
+            log_text = model.server.stderr_tail(400)
         assert any(marker in log_text for marker in server_module.READY_MARKERS), log_text
     assert not model.server.alive()
     assert wait_pid_gone(pid, 1.0)

@@ -17,7 +17,6 @@ from conftest import wait_pid_gone, write_script
 
 import llamarocm
 from llamarocm import backend
-from llamarocm._binaries import find_binary
 from llamarocm._rpc_placement import check_placement, rpc_placement
 from llamarocm.devices import device_environment
 from llamarocm.rpc import PORT_ATTEMPTS, RpcWorker, _is_loopback, _listener_owner
@@ -73,19 +72,6 @@ FAKE_RPC = textwrap.dedent(
 def fake_rpc(tmp_path):
     """Path of an executable fake ggml-rpc-server (see FAKE_RPC)."""
     return write_script(tmp_path / "fake-ggml-rpc-server", FAKE_RPC)
-
-
-@pytest.fixture(scope="session")
-def rpc_binary() -> str:
-    from conftest import IN_CI
-
-    try:
-        return find_binary("rpc").path
-    except llamarocm.ServerNotFoundError as exc:
-        if IN_CI:
-            pytest.fail(f"CI=true but no ggml-rpc-server: {exc}", pytrace=False)
-        pytest.skip(f"no ggml-rpc-server: {exc}")
-        raise
 
 
 def _listening_socket() -> socket.socket:
@@ -160,6 +146,33 @@ def test_a_listener_that_closes_without_answering_is_not_a_worker():
         with pytest.raises(llamarocm.ServerStartError, match="closed the connection without answering"):
             backend._probe_rpc_worker(address)
         closer.join(5)
+
+
+def test_a_web_server_on_the_port_is_not_a_worker():
+    import threading
+
+    hang_up = []
+    with _listening_socket() as listener:
+        def answer_http():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(100)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                try:
+                    hang_up.append(conn.recv(100))  # b"": an orderly close
+                except ConnectionResetError:
+                    hang_up.append("reset")
+
+        server = threading.Thread(target=answer_http)
+        server.start()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(llamarocm.ServerStartError, match="answered, but not as a ggml-rpc-server"):
+            backend._probe_rpc_worker(address)
+        server.join(5)
+        assert not server.is_alive()
+    # The probe always hangs up with a reset: a worker answering late must find the
+    # connection gone rather than write into it (SIGPIPE).
+    assert hang_up == ["reset"]
 
 
 def test_a_listener_that_never_answers_is_named_busy(monkeypatch):

@@ -104,6 +104,14 @@ def test_a_silent_log_still_reaches_readiness_by_probing(fake_server, model_file
         assert server.alive() and server.props == {"fake": True}
 
 
+def test_a_server_that_closes_its_output_is_still_found_ready(fake_server, model_file, monkeypatch):
+    # With the pipe closed there is no output to wait for: the probes alone find it.
+    monkeypatch.setenv("FAKE_MODE", "closed-output")
+    with Server(model_file, server_path=fake_server) as server:
+        assert server.alive() and server.props == {"fake": True}
+        assert server._process.output_ended
+
+
 def test_key_in_environment_never_on_command_line(fake_server, model_file, monkeypatch):
     monkeypatch.delenv("HIP_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # must not hijack loopback
