@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import llamarocm  # noqa: E402
 from llamarocm._default_model import default_model_path  # noqa: E402
-from llamarocm.bench import _stats  # noqa: E402  (min / median / max / runs, as in llamarocm bench)
+from llamarocm.bench import _stats, print_columns  # noqa: E402  (as llamarocm bench reports)
 
 PROMPT = "Once upon a time"
 CONFIGS = ("local", "1 worker", "2 workers")
@@ -110,18 +110,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def print_table(result: Dict[str, Any]) -> None:
     header = ("server", "load", "128-token wall (median, min-max)", "decode tok/s", "vs local", "same tokens",
               "weights on workers")
-    rows = [header]
+    rows = []
     for name, c in result["configs"].items():
         w, d = c["wall_s"], c["decode_tok_s"]
         placed = ", ".join(f"{mib:.0f} MiB" for mib in c["rpc_placement_mib"].values()) or "-"
         rows.append((name, f"{c['load_s']:.2f} s", f"{w['median']:.2f} s ({w['min']:.2f}-{w['max']:.2f})",
                      f"{d['median']:.1f}", f"{c['wall_vs_local']:.2f}x", "yes" if c["same_tokens_as_local"] else "NO",
                      placed))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    for j, row in enumerate(rows):
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
+    print_columns(header, rows)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

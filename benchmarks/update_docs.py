@@ -56,7 +56,7 @@ def rows(result: Dict[str, Any]) -> List[List[str]]:
             _span(s["raw_ms"], ".0f", "ms") + ", raw spawn, `/health` polled every 5 ms",
             f"{o['median']:+.0f} ms (pairs {o['min']:+.0f} to {o['max']:+.0f})",
             "overhead ≤ 30 ms",
-            _met(o["median"] <= 30),
+            _met(bench.TARGETS["startup"](s)),
         ])
     st = f.get("stream")
     if st:
@@ -67,7 +67,7 @@ def rows(result: Dict[str, Any]) -> List[List[str]]:
             _span(t["raw"], ".1f", "ms") + ", `http.client`",
             f"{t['overhead']['median']:+.2f} ms",
             "overhead ≤ 2 ms",
-            _met(t["overhead"]["median"] <= 2),
+            _met(bench.TARGETS["ttft"](st)),
         ])
         d = st["decode_tok_s"]
         r = d["paired_ratio"]["median"]
@@ -77,7 +77,7 @@ def rows(result: Dict[str, Any]) -> List[List[str]]:
             _span(d["raw"], ".1f", "tok/s") + ", `http.client`",
             f"{r:.3f}× paired ({d['ratio_of_medians']:.3f}× of medians)",
             "≥ 0.98×",
-            _met(r >= 0.98),
+            _met(bench.TARGETS["decode"](st)),
         ])
     c = f.get("client")
     if c:
@@ -88,7 +88,7 @@ def rows(result: Dict[str, Any]) -> List[List[str]]:
             _span(us["raw"], ".1f", "µs") + ", `http.client` + `json.loads`",
             f"{c['ratio_ours_vs_raw']:.2f}×",
             "≤ 1.5× raw",
-            _met(c["ratio_ours_vs_raw"] <= 1.5),
+            _met(bench.TARGETS["client"](c)),
         ])
         if "openai" in us:
             out.append([
@@ -97,7 +97,7 @@ def rows(result: Dict[str, Any]) -> List[List[str]]:
                 _span(us["openai"], ".0f", "µs") + ", `openai` streaming",
                 f"{c['ratio_openai_vs_ours']:.1f}× faster",
                 "≥ 10× faster",
-                _met(c["ratio_openai_vs_ours"] >= 10),
+                _met(bench.TARGETS["openai"](c)),
             ])
     a = f.get("aggregate")
     if a:
@@ -112,7 +112,7 @@ def rows(result: Dict[str, Any]) -> List[List[str]]:
             f"{a['raw_ratio']:.2f}× ({at(hi, 'raw_tok_s'):.1f} / {at(lo, 'raw_tok_s'):.1f} tok/s), `http.client`",
             f"{a['ours_ratio'] / a['raw_ratio']:.3f}",
             "at least raw's",
-            _met(bench.aggregate_met(a)),
+            _met(bench.TARGETS["aggregate"](a)),
         ])
     m = f.get("memory")
     if m:
@@ -123,7 +123,7 @@ def rows(result: Dict[str, Any]) -> List[List[str]]:
             f"before: RSS {b['rss'] / 2**20:.1f} MB, {b['os_threads']} threads, {b['fds']} fds",
             "—",
             "RSS < +5 MB, no thread or fd growth",
-            _met(m["rss_growth_mb"] < 5 and m["thread_growth"] <= 0 and m["fd_growth"] <= 0),
+            _met(bench.TARGETS["memory"](m)),
         ])
     g = f.get("gguf")
     if g and "ratio" in g:
@@ -133,7 +133,7 @@ def rows(result: Dict[str, Any]) -> List[List[str]]:
             f"{g['gguf_reader_ms']['median'] / 1000:.1f} s, `gguf.GGUFReader`",
             f"{g['ratio']:.0f}× faster",
             "≥ 100× faster",
-            _met(g["ratio"] >= 100),
+            _met(bench.TARGETS["gguf"](g)),
         ])
     return out
 
