@@ -43,23 +43,23 @@ def model_path() -> str:
         raise
 
 
+def _binary(kind: str, name: str) -> str:
+    try:
+        return find_binary(kind).path
+    except llamarocm.ServerNotFoundError as exc:
+        _unavailable(f"no {name}: {exc}")
+        raise
+
+
 @pytest.fixture(scope="session")
 def server_binary() -> str:
-    try:
-        return find_binary("server").path
-    except llamarocm.ServerNotFoundError as exc:
-        _unavailable(f"no llama-server: {exc}")
-        raise
+    return _binary("server", "llama-server")
 
 
 @pytest.fixture(scope="session")
 def rpc_binary() -> str:
     """ggml-rpc-server from the same build as the llama-server the tests use."""
-    try:
-        return find_binary("rpc").path
-    except llamarocm.ServerNotFoundError as exc:
-        _unavailable(f"no ggml-rpc-server: {exc}")
-        raise
+    return _binary("rpc", "ggml-rpc-server")
 
 
 @pytest.fixture(scope="session")

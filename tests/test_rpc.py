@@ -131,45 +131,43 @@ def test_a_silent_load_report_is_a_warning_not_an_error(caplog):
     assert "could not verify" in caplog.text
 
 
-def test_a_listener_that_closes_without_answering_is_not_a_worker():
-    # What the local end of an SSH tunnel does when the worker behind it is down.
+def _probe_one_connection(handle) -> str:
+    """Probe a listener whose one connection ``handle(conn)`` serves in a thread;
+    the probe's error message."""
     import threading
 
     with _listening_socket() as listener:
-        def accept_and_close():
+        def serve():
             conn, _ = listener.accept()
-            conn.close()
+            with conn:
+                handle(conn)
 
-        closer = threading.Thread(target=accept_and_close)
-        closer.start()
-        address = f"127.0.0.1:{listener.getsockname()[1]}"
-        with pytest.raises(llamarocm.ServerStartError, match="closed the connection without answering"):
-            backend._probe_rpc_worker(address)
-        closer.join(5)
+        server = threading.Thread(target=serve)
+        server.start()
+        with pytest.raises(llamarocm.ServerStartError) as info:
+            backend._probe_rpc_worker(f"127.0.0.1:{listener.getsockname()[1]}")
+        server.join(5)
+        assert not server.is_alive()
+    return str(info.value)
+
+
+def test_a_listener_that_closes_without_answering_is_not_a_worker():
+    # What the local end of an SSH tunnel does when the worker behind it is down.
+    assert "closed the connection without answering" in _probe_one_connection(lambda conn: None)
 
 
 def test_a_web_server_on_the_port_is_not_a_worker():
-    import threading
-
     hang_up = []
-    with _listening_socket() as listener:
-        def answer_http():
-            conn, _ = listener.accept()
-            with conn:
-                conn.recv(100)
-                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-                try:
-                    hang_up.append(conn.recv(100))  # b"": an orderly close
-                except ConnectionResetError:
-                    hang_up.append("reset")
 
-        server = threading.Thread(target=answer_http)
-        server.start()
-        address = f"127.0.0.1:{listener.getsockname()[1]}"
-        with pytest.raises(llamarocm.ServerStartError, match="answered, but not as a ggml-rpc-server"):
-            backend._probe_rpc_worker(address)
-        server.join(5)
-        assert not server.is_alive()
+    def answer_http(conn):
+        conn.recv(100)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        try:
+            hang_up.append(conn.recv(100))  # b"": an orderly close
+        except ConnectionResetError:
+            hang_up.append("reset")
+
+    assert "answered, but not as a ggml-rpc-server" in _probe_one_connection(answer_http)
     # The probe always hangs up with a reset: a worker answering late must find the
     # connection gone rather than write into it (SIGPIPE).
     assert hang_up == ["reset"]
