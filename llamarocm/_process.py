@@ -256,12 +256,6 @@ class ManagedProcess:
         with self._output.changed:
             return self._output.count
 
-    @property
-    def output_ended(self) -> bool:
-        """True once the child's output pipe is closed (it exited, or closed it)."""
-        with self._output.changed:
-            return self._output.ended
-
     def lines_since(self, seen: int) -> Tuple[List[str], int]:
         """The lines printed after the first ``seen`` (those still in the ring buffer),
         and the line count they bring it to: read together, so no line slips between."""
@@ -272,8 +266,13 @@ class ManagedProcess:
         return lines, count
 
     def wait_output(self, seen: int, timeout: float) -> int:
-        """Block until more than ``seen`` lines were printed, the output ends, or
-        ``timeout`` passes; return the line count."""
+        """Block until more than ``seen`` lines were printed or ``timeout`` passes;
+        return the line count.
+
+        Once the output has ended nothing more will be printed: then it waits for the
+        child to exit instead, so that a caller polling the exit code between waits
+        sleeps rather than spins (the pipe may close a moment before the exit).
+        """
         out = self._output
         deadline = time.monotonic() + timeout
         with out.changed:
@@ -282,7 +281,10 @@ class ManagedProcess:
                 if remaining <= 0:
                     break
                 out.changed.wait(remaining)
-            return out.count
+            count, ended = out.count, out.ended
+        if ended and count <= seen:
+            self.wait(max(deadline - time.monotonic(), 0.0))
+        return count
 
 
 class ProcessOwner:

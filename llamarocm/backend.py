@@ -133,8 +133,7 @@ def load_model(
     def check_workers(server: Server) -> None:
         found = rpc_placement(server.stderr_tail(LOG_LINES))
         check_placement(cfg.rpc, found, server.stderr_tail())
-        placement.clear()
-        placement.update(found)
+        placement.update(found)  # emptied by probe_workers, which ran before this start
 
     embedding_flags = ["--embeddings", "--pooling", pooling or "mean"] if embeddings else []
     server = Server(
@@ -256,9 +255,8 @@ def _probe_rpc_worker(address: str) -> None:
             # The whole answer: a little-endian size, then a body of a few bytes (the
             # protocol version and capabilities).
             size = _recv_exactly(sock, 8)
-            body = None
-            if size is not None and 3 <= int.from_bytes(size, "little") <= 4096:
-                body = _recv_exactly(sock, int.from_bytes(size, "little"))
+            length = int.from_bytes(size, "little") if size is not None else 0
+            body = _recv_exactly(sock, length) if 3 <= length <= 4096 else None
         except ConnectionError:
             size = body = None
         except socket.timeout:

@@ -229,11 +229,7 @@ class Server(ProcessOwner):
                     proc.output_tail(),
                 )
             # Sleep until the server logs something, or the next probe or progress sample.
-            pause = max(min(next_probe, next_progress_check) - now, 0.0)
-            if proc.output_ended:
-                proc.wait(pause)  # nothing more will be logged: wait for the exit itself, not spin
-            else:
-                proc.wait_output(seen, pause)
+            proc.wait_output(seen, max(min(next_probe, next_progress_check) - now, 0.0))
 
     def _confirm_ours(self, proc: ManagedProcess, client: Client) -> None:
         """Read /props with our key: something that answers /health but refuses the

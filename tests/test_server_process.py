@@ -109,7 +109,7 @@ def test_a_server_that_closes_its_output_is_still_found_ready(fake_server, model
     monkeypatch.setenv("FAKE_MODE", "closed-output")
     with Server(model_file, server_path=fake_server) as server:
         assert server.alive() and server.props == {"fake": True}
-        assert server._process.output_ended
+        assert server._process._output.ended
 
 
 def test_key_in_environment_never_on_command_line(fake_server, model_file, monkeypatch):
