@@ -1,7 +1,9 @@
 """The ``llamarocm`` command: a thin layer over the public API.
 
 Exit codes: 0 ok, 1 runtime error (message on stderr; traceback only with
-``--debug``), 2 usage error, 130 interrupted.
+``--debug``), 2 usage error, 130 interrupted. Option values are checked with the
+library's own validation before a model is found or a process started, so a value
+the API would refuse is a usage error.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import logging
 import os
 import subprocess
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import llamarocm
 
 from ._binaries import SOURCE_BUILD_REQUIREMENT, find_binary
 from ._default_model import default_model_path
+from .config import GenerateConfig, LoadConfig
+from .rpc import DEFAULT_STARTUP_TIMEOUT as WORKER_STARTUP_TIMEOUT
+from .rpc import check_worker_arguments
 
 EXAMPLES = {
     "generate": 'llamarocm generate "Once upon a time" --max-tokens 64',
@@ -62,7 +67,46 @@ def _load_progress():
 
 
 def _model_path(given: Optional[str]) -> str:
-    return given if given else default_model_path(notify=_stderr)
+    return given if given is not None else default_model_path(notify=_stderr)
+
+
+# LoadConfig needs a model path, but the embedded model's is known only once the model
+# is assembled (253 MB, on first use): the other loading options are checked with this
+# stand-in, so a usage error never waits for that.
+_EMBEDDED_MODEL_STAND_IN = "embedded-model.gguf"
+
+
+def _rpc_addresses(args: argparse.Namespace) -> List[str]:
+    # llama-server's own syntax (one comma-separated list) is accepted too.
+    return [address for item in args.rpc or () for address in item.split(",") if address]
+
+
+def _generation_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """``generate()`` / ``chat()`` keyword arguments from the command line."""
+    options: Dict[str, Any] = {"max_tokens": args.max_tokens}
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.seed is not None:
+        options["seed"] = args.seed
+    return options
+
+
+def _check_generation_options(args: argparse.Namespace) -> None:
+    """Build the configs ``generate`` and ``chat`` will use, so a bad option is a usage
+    error before a model is found, assembled or loaded."""
+    GenerateConfig.from_kwargs(_generation_options(args))
+    LoadConfig(
+        args.model if args.model is not None else _EMBEDDED_MODEL_STAND_IN,
+        context_length=args.context_length,
+        server_path=args.server,
+        rpc=tuple(_rpc_addresses(args)),
+    )
+
+
+def _check_worker_options(args: argparse.Namespace) -> None:
+    check_worker_arguments(
+        args.host, args.port, args.devices, WORKER_STARTUP_TIMEOUT, args.threads, (), args.allow_remote
+    )
 
 
 def _load(args: argparse.Namespace) -> llamarocm.Model:
@@ -71,15 +115,14 @@ def _load(args: argparse.Namespace) -> llamarocm.Model:
         _model_path(args.model),
         server_path=args.server,
         context_length=args.context_length,
-        # llama-server's own syntax (one comma-separated list) is accepted too.
-        rpc=[address for item in args.rpc or () for address in item.split(",") if address],
+        rpc=_rpc_addresses(args),
         progress=_load_progress(),
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     with _load(args) as model:
-        with model.generate(args.prompt, max_tokens=args.max_tokens, **_sampling(args)) as stream:
+        with model.generate(args.prompt, **_generation_options(args)) as stream:
             for token in stream:
                 sys.stdout.write(token.text)
                 sys.stdout.flush()
@@ -103,8 +146,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             lambda: input("> " if interactive else ""),
             sys.stdout,
             system=args.system,
-            max_tokens=args.max_tokens,
-            **_sampling(args),
+            **_generation_options(args),
         )
     return 0
 
@@ -144,15 +186,6 @@ def chat_loop(model: "llamarocm.Model", read_line, out, *, system: Optional[str]
         out.write("\n")
         out.flush()
         history.append({"role": "assistant", "content": "".join(reply)})
-
-
-def _sampling(args: argparse.Namespace) -> dict:
-    options = {}
-    if args.temperature is not None:
-        options["temperature"] = args.temperature
-    if args.seed is not None:
-        options["seed"] = args.seed
-    return options
 
 
 def _size(n: Optional[int]) -> str:
@@ -239,12 +272,20 @@ def cmd_vram(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_list(text: str) -> List[int]:
+    """``--devices``: comma-separated GPU indices (ranges are checked with the rest)."""
+    try:
+        devices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU indices such as 0,1, got {text!r}") from None
+    return devices
+
+
 def cmd_rpc_worker(args: argparse.Namespace) -> int:
-    devices = [int(d) for d in args.devices.split(",")] if args.devices else None
     with llamarocm.RpcWorker(
         host=args.host,
         port=args.port,
-        devices=devices,
+        devices=args.devices,
         server_path=args.server,
         threads=args.threads,
         allow_remote=args.allow_remote,
@@ -311,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("--server", metavar="PATH", help=f"{program} binary (default: searched)")
+        # Usage errors name the subcommand's own usage.
+        p.set_defaults(usage_parser=p, check_options=None)
         return p
 
     def add_loading(p: argparse.ArgumentParser) -> None:
@@ -326,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, metavar="T")
     gen.add_argument("--seed", type=int)
     gen.add_argument("-v", "--verbose", action="store_true", help="print metrics on stderr")
-    gen.set_defaults(func=cmd_generate)
+    gen.set_defaults(func=cmd_generate, check_options=_check_generation_options)
 
     chat = add("chat", "Chat with a model in the terminal, keeping the conversation's history.")
     add_loading(chat)
@@ -334,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=256, metavar="N", help="longest reply (default 256)")
     chat.add_argument("--temperature", type=float, metavar="T")
     chat.add_argument("--seed", type=int)
-    chat.set_defaults(func=cmd_chat)
+    chat.set_defaults(func=cmd_chat, check_options=_check_generation_options)
 
     models = add("models", "List the GGUF models in FOLDER (default: the current folder).")
     models.add_argument("folder", nargs="?", default=".")
@@ -359,11 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rpc.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     rpc.add_argument("--port", type=int, default=50052, help="port (default 50052; 0 picks a free one)")
-    rpc.add_argument("--devices", metavar="LIST", help="GPU indices, e.g. 0,1")
+    rpc.add_argument("--devices", type=_device_list, metavar="LIST", help="GPU indices, e.g. 0,1")
     rpc.add_argument("--threads", type=int, metavar="N")
     rpc.add_argument("--allow-remote", action="store_true",
                      help="listen on a non-loopback address (trusted networks only: no authentication)")
-    rpc.set_defaults(func=cmd_rpc_worker)
+    rpc.set_defaults(func=cmd_rpc_worker, check_options=_check_worker_options)
 
     bench = add("bench", "Measure what llamarocm adds on top of llama-server (the bench extra helps).")
     from . import bench as bench_module
@@ -381,10 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse bad option values as usage errors (exit 2) before anything runs: the
+    library's own checks, so the command accepts exactly what the API accepts."""
+    if args.check_options is None:
+        return
+    try:
+        args.check_options(args)
+    except (TypeError, ValueError) as exc:
+        args.usage_parser.error(str(exc))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="llamarocm: %(message)s")
+    _check_options(args)
     try:
         return args.func(args)
     except KeyboardInterrupt:

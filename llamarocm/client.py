@@ -230,10 +230,32 @@ class EventStream:
                 return
             raise ConnectionLost(f"POST {self.path}: connection lost: {exc}") from exc
         if resp.status >= 400:
-            text = resp.read().decode("utf-8", "replace")
-            resp.close()
+            text = self._error_body(resp)
+            if text is None:
+                return  # cancelled while the body was read
             raise error_from_response(resp.status, text)
         self._resp = resp
+
+    def _error_body(self, resp: http.client.HTTPResponse) -> Optional[str]:
+        """The body of an error answer, read under the same idle timeout as any other
+        read: a server that stalls or breaks mid-body raises the typed errors, and a
+        cancel ends the read quietly (``None``)."""
+        try:
+            return resp.read().decode("utf-8", "replace")
+        except socket.timeout as exc:
+            if self.cancelled:
+                return None
+            raise StreamTimeoutError(
+                f"POST {self.path}: HTTP {resp.status}, then no data from llama-server for {self.idle_timeout} s"
+            ) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            if self.cancelled:
+                return None
+            raise ConnectionLost(
+                f"POST {self.path}: connection lost reading the HTTP {resp.status} answer: {exc}"
+            ) from exc
+        finally:
+            resp.close()
 
     def __iter__(self) -> Iterator[List[ServerSentEvent]]:
         """Yield the events of each network read, as a list (often of one)."""

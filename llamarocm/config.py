@@ -11,7 +11,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = ["GenerateConfig", "LoadConfig"]
 
@@ -20,7 +20,9 @@ _RESERVED_FIELDS = frozenset({"prompt", "stream", "return_tokens", "messages"})
 
 # Server flags llamarocm sets itself; llama-server lets the last one win, so one of
 # these in extra_args would silently undo a guarantee (loopback only, our key, ...).
-_MANAGED_FLAGS = {
+# Every spelling llama-server accepts is listed, short aliases included; long ones are
+# compared after normalise_flag().
+_MANAGED_FLAGS: Dict[str, str] = {
     "--host": "the server listens on 127.0.0.1 only",
     "--port": "the port is chosen (and retried) by llamarocm",
     "-m": "pass the model as load_model's path",
@@ -31,11 +33,65 @@ _MANAGED_FLAGS = {
     "--ctx-size": "use context_length= (per slot)",
     "-np": "use parallel=",
     "--parallel": "use parallel=",
+    # Not guarantees, but settings load_model passes itself: a second copy would win
+    # silently, and --rpc would skip the probe of each worker and the placement check.
+    "--rpc": "use rpc= (each worker is probed before the load and checked after it)",
+    "-ngl": "use gpu_layers=",
+    "--gpu-layers": "use gpu_layers=",
+    "--n-gpu-layers": "use gpu_layers=",
+    "-t": "use threads=",
+    "--threads": "use threads=",
 }
 
 #: Generous default for ``timeout=``: a stream that sends nothing for this long is dead.
 DEFAULT_STREAM_TIMEOUT = 300.0
 DEFAULT_STARTUP_TIMEOUT = 120.0
+
+#: The longest ``timeout`` / ``startup_timeout`` accepted, in seconds (about 31 years:
+#: "never" in practice). Python keeps socket and thread timeouts as signed 64-bit
+#: nanoseconds, so ``socket.settimeout`` overflows just above 9.2e9 s, and a deadline
+#: computed as "now + timeout" must fit too; 1e9 s leaves that margin, and also stays
+#: below the 2**31 s a 32-bit ``time_t`` holds.
+MAX_TIMEOUT = 1e9
+
+# llama-server reads n_predict, top_k and n_probs into int32 fields: a larger value
+# wraps, often to a negative one, which it takes as "unlimited" or "disabled".
+INT32_MAX = 2**31 - 1
+# The seed is a uint32, and 0xFFFFFFFF (also what -1 becomes) means "a random seed".
+SEED_MAX = 2**32 - 2
+# Sampling settings are 32-bit floats in llama-server: anything larger becomes infinity.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def normalise_flag(arg: str) -> str:
+    """The option ``arg`` names, spelled the way llama.cpp compares options.
+
+    llama.cpp's parsers read ``_`` as ``-`` in long options (``--ctx_size`` is
+    ``--ctx-size``). The ``--flag=value`` form is cut at ``=`` as well: llama.cpp does
+    not take that form today, but a build that does would obey it, so it is checked.
+
+    >>> normalise_flag("--api_key_file=keys.txt")
+    '--api-key-file'
+    >>> normalise_flag("-np")
+    '-np'
+    """
+    flag = arg.split("=", 1)[0]
+    if flag.startswith("--"):
+        flag = flag.replace("_", "-")
+    return flag
+
+
+def check_extra_args(name: str, value: Any, managed: Mapping[str, str]) -> Tuple[str, ...]:
+    """``value`` as a tuple of strings, refusing any flag of ``managed`` (normalised
+    flag -> what to do instead) and NUL characters, which no argv can carry."""
+    args = _string_tuple(name, value)
+    for arg in args:
+        if "\0" in arg:
+            raise ValueError(f"{name} must not contain NUL characters, got {arg!r}")
+        flag = normalise_flag(arg)
+        if flag in managed:
+            raise ValueError(f"{name} must not contain {arg!r}: {managed[flag]}")
+    return args
 
 
 def _check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> None:
@@ -43,9 +99,9 @@ def _check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Op
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be >= {minimum}, got {_shown(value)}")
     if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+        raise ValueError(f"{name} must be <= {maximum}, got {_shown(value)}")
 
 
 def _check_float(
@@ -58,15 +114,25 @@ def _check_float(
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value):
+    # An int is always finite, and math.isfinite() would convert it to a float, which
+    # overflows beyond 1e308; comparisons between int and float are exact instead.
+    if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None:
         if exclusive_min and value <= minimum:
-            raise ValueError(f"{name} must be > {minimum}, got {value}")
+            raise ValueError(f"{name} must be > {minimum}, got {_shown(value)}")
         if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+            raise ValueError(f"{name} must be >= {minimum}, got {_shown(value)}")
     if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+        raise ValueError(f"{name} must be <= {maximum}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """``value`` for an error message. A huge int is described, not spelled out: its
+    digits would flood the message, and past 4300 of them ``str()`` refuses."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"{'a negative' if value < 0 else 'an'} int of {value.bit_length()} bits"
+    return repr(value)
 
 
 def _check_optional(check, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
@@ -83,6 +149,33 @@ def _string_tuple(name: str, value: Any) -> Tuple[str, ...]:
         if not isinstance(item, str):
             raise TypeError(f"{name} must contain only strings, found {type(item).__name__}")
     return tuple(value)
+
+
+def _check_timeout(name: str, value: Any) -> None:
+    _check_float(name, value, 0.0, MAX_TIMEOUT, exclusive_min=True)
+
+
+def _check_devices(value: Any) -> Optional[Tuple[int, ...]]:
+    """GPU indices as a non-empty tuple, or ``None`` (every GPU the environment allows)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
+        raise TypeError(f"devices must be a sequence of device indices, not {type(value).__name__}")
+    for device in value:
+        _check_int("device index", device, 0, 1023)
+    if not value:
+        raise ValueError("devices must name at least one device (or be None)")
+    return tuple(value)
+
+
+def _check_json(name: str, value: Mapping[str, Any]) -> None:
+    """Refuse what cannot go into a request body: llama-server parses strict JSON."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be plain JSON (no NaN, no objects): {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{name} is nested too deeply to be sent as JSON") from None
 
 
 @dataclass(frozen=True)
@@ -117,14 +210,7 @@ class GenerateConfig:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_optional(_check_int, "max_tokens", self.max_tokens, 1)
-        _check_optional(_check_float, "temperature", self.temperature, 0.0, 100.0)
-        _check_optional(_check_int, "top_k", self.top_k, 0)
-        _check_optional(_check_float, "top_p", self.top_p, 0.0, 1.0)
-        _check_optional(_check_float, "min_p", self.min_p, 0.0, 1.0)
-        _check_optional(_check_float, "repeat_penalty", self.repeat_penalty, 0.0, exclusive_min=True)
-        # llama-server takes any 32-bit seed; -1 (0xFFFFFFFF) means "random".
-        _check_optional(_check_int, "seed", self.seed, 0, 2**32 - 2)
+        self._check_numbers()
         stop = _string_tuple("stop", self.stop)
         if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
@@ -132,6 +218,7 @@ class GenerateConfig:
         if self.json_schema is not None:
             if not isinstance(self.json_schema, Mapping):
                 raise TypeError(f"json_schema must be a dict, not {type(self.json_schema).__name__}")
+            _check_json("json_schema", self.json_schema)
             object.__setattr__(self, "json_schema", dict(self.json_schema))
         if self.grammar is not None:
             if not isinstance(self.grammar, str):
@@ -140,8 +227,6 @@ class GenerateConfig:
                 raise ValueError("grammar must not be empty")
             if self.json_schema is not None:
                 raise ValueError("pass json_schema or grammar, not both")
-        _check_optional(_check_int, "logprobs", self.logprobs, 0, 20)
-        _check_float("timeout", self.timeout, 0.0, exclusive_min=True)
         if not isinstance(self.extra, Mapping):
             raise TypeError(f"extra must be a mapping, not {type(self.extra).__name__}")
         for key in self.extra:
@@ -149,11 +234,22 @@ class GenerateConfig:
                 raise TypeError("extra's keys must be strings")
             if key in _RESERVED_FIELDS:
                 raise ValueError(f"extra must not set {key!r}: the stream depends on it")
-        try:
-            json.dumps(self.extra, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"extra must be plain JSON (no NaN, no objects): {exc}") from None
+        _check_json("extra", self.extra)
         object.__setattr__(self, "extra", dict(self.extra))
+
+    def _check_numbers(self) -> None:
+        # Each bound is what llama-server's field can hold, so a value is never
+        # silently wrapped or turned into infinity on the way.
+        _check_optional(_check_int, "max_tokens", self.max_tokens, 1, INT32_MAX)
+        _check_optional(_check_float, "temperature", self.temperature, 0.0, 100.0)
+        _check_optional(_check_int, "top_k", self.top_k, 0, INT32_MAX)
+        _check_optional(_check_float, "top_p", self.top_p, 0.0, 1.0)
+        _check_optional(_check_float, "min_p", self.min_p, 0.0, 1.0)
+        _check_optional(_check_float, "repeat_penalty", self.repeat_penalty, 0.0, FLOAT32_MAX, exclusive_min=True)
+        # A seed is set to be reproducible: the "random" value is refused.
+        _check_optional(_check_int, "seed", self.seed, 0, SEED_MAX)
+        _check_optional(_check_int, "logprobs", self.logprobs, 0, 20)
+        _check_timeout("timeout", self.timeout)
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> "GenerateConfig":
@@ -214,44 +310,53 @@ class LoadConfig:
     rpc: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model_path, (str, os.PathLike)):
-            raise TypeError(f"model path must be a str or os.PathLike, not {type(self.model_path).__name__}")
-        object.__setattr__(self, "model_path", os.fspath(self.model_path))
-        if not self.model_path:
+        model_path = _check_path("model path", self.model_path)
+        if not model_path:
             raise ValueError("model path must not be empty")
+        object.__setattr__(self, "model_path", model_path)
+        self._check_numbers()
+        object.__setattr__(self, "devices", _check_devices(self.devices))
+        if self.server_path is not None:
+            object.__setattr__(self, "server_path", _check_path("server_path", self.server_path))
+        object.__setattr__(self, "extra_args", check_extra_args("extra_args", self.extra_args, _MANAGED_FLAGS))
+        object.__setattr__(self, "rpc", tuple(_check_rpc_address(a) for a in _string_tuple("rpc", self.rpc)))
+
+    def _check_numbers(self) -> None:
         # 16 tokens is below anything useful, but keeps the check about types and sanity.
         _check_optional(_check_int, "context_length", self.context_length, 16, 2**24)
         if self.gpu_layers is not None and not (isinstance(self.gpu_layers, str) and self.gpu_layers == "all"):
             _check_int("gpu_layers", self.gpu_layers, 0, 100_000)
         _check_int("parallel", self.parallel, 1, 256)
         _check_optional(_check_int, "threads", self.threads, 1, 4096)
-        if self.devices is not None:
-            if isinstance(self.devices, (str, bytes)) or not isinstance(self.devices, Sequence):
-                raise TypeError("devices must be a sequence of device indices")
-            for device in self.devices:
-                _check_int("device index", device, 0, 1023)
-            if not self.devices:
-                raise ValueError("devices must name at least one device (or be None)")
-            object.__setattr__(self, "devices", tuple(self.devices))
-        if self.server_path is not None:
-            if not isinstance(self.server_path, (str, os.PathLike)):
-                raise TypeError("server_path must be a str or os.PathLike")
-            object.__setattr__(self, "server_path", os.fspath(self.server_path))
-        _check_float("startup_timeout", self.startup_timeout, 0.0, exclusive_min=True)
-        extra_args = _string_tuple("extra_args", self.extra_args)
-        for arg in extra_args:
-            flag = arg.split("=", 1)[0]
-            if flag in _MANAGED_FLAGS:
-                raise ValueError(f"extra_args must not contain {flag}: {_MANAGED_FLAGS[flag]}")
-        object.__setattr__(self, "extra_args", extra_args)
-        rpc = _string_tuple("rpc", self.rpc)
-        for address in rpc:
-            if "," in address:
-                raise ValueError(f"rpc takes one address per item: rpc={address.split(',')!r}, not {address!r}")
-            host, _, port = address.rpartition(":")
-            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-                raise ValueError(f"rpc addresses must be 'host:port', got {address!r}")
-            if ":" in host:
-                # llama.cpp splits the endpoint at its first colon and resolves IPv4 only.
-                raise ValueError(f"rpc workers are reached over IPv4 (a name or a dotted address), got {address!r}")
-        object.__setattr__(self, "rpc", rpc)
+        _check_timeout("startup_timeout", self.startup_timeout)
+        # The server gets -c context_length * parallel, which it reads as an int32.
+        if self.context_length is not None and self.context_length * self.parallel > INT32_MAX:
+            raise ValueError(
+                f"context_length * parallel must be <= {INT32_MAX} (llama-server's -c), "
+                f"got {self.context_length} * {self.parallel}"
+            )
+
+
+def _check_path(name: str, value: Any) -> str:
+    """``value`` (a str or a path-like object naming a str path) as a str."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, not {type(value).__name__}")
+    path = os.fspath(value)  # raises TypeError for a __fspath__ that returns no path
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a str path, not {type(path).__name__}")
+    if "\0" in path:
+        raise ValueError(f"{name} must not contain NUL characters, got {path!r}")
+    return path
+
+
+def _check_rpc_address(address: str) -> str:
+    if "," in address:
+        raise ValueError(f"rpc takes one address per item: rpc={address.split(',')!r}, not {address!r}")
+    host, _, port = address.rpartition(":")
+    # isdigit() alone admits digits of every script ("²", "٣"), which llama.cpp cannot read.
+    if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"rpc addresses must be 'host:port', got {address!r}")
+    if ":" in host:
+        # llama.cpp splits the endpoint at its first colon and resolves IPv4 only.
+        raise ValueError(f"rpc workers are reached over IPv4 (a name or a dotted address), got {address!r}")
+    return address

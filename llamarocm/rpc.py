@@ -28,10 +28,11 @@ import os
 import socket
 import time
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ._binaries import Binary, find_binary, unsupported_cpu_message
 from ._process import ManagedProcess, ProcessOwner
+from .config import _check_devices, _check_int, _check_optional, _check_timeout, _shown, check_extra_args
 from .devices import device_environment
 from .errors import ServerStartError
 
@@ -41,6 +42,7 @@ log = logging.getLogger("llamarocm")
 
 PORT_ATTEMPTS = 3
 DEFAULT_HOST = "127.0.0.1"
+DEFAULT_STARTUP_TIMEOUT = 30.0
 # Readiness is re-checked this often while the worker is silent; a check reads two
 # small /proc files and costs microseconds, so a fine interval only trims the wait.
 POLL_INTERVAL = 0.005
@@ -48,6 +50,18 @@ POLL_INTERVAL = 0.005
 # exits with status 0.
 _BIND_FAILURE_MARKERS = ("failed to create server socket", "address already in use", "failed to bind")
 _TCP_LISTEN = "0A"
+
+# Worker flags RpcWorker sets itself (see RpcWorker._argv). ggml-rpc-server keeps the
+# last occurrence, so one of these in extra_args would override ours: a second -H would
+# listen on every interface while the worker reports 127.0.0.1.
+_MANAGED_FLAGS = {
+    "-H": "use host= (beyond loopback only with allow_remote=True)",
+    "--host": "use host= (beyond loopback only with allow_remote=True)",
+    "-p": "use port= (0 picks a free one)",
+    "--port": "use port= (0 picks a free one)",
+    "-t": "use threads=",
+    "--threads": "use threads=",
+}
 
 
 def _is_loopback(host: str) -> bool:
@@ -147,6 +161,39 @@ def _accepts(host: str, port: int) -> bool:
         return False
 
 
+def check_worker_arguments(
+    host: str,
+    port: int,
+    devices: Optional[Sequence[int]],
+    startup_timeout: float,
+    threads: Optional[int],
+    extra_args: Sequence[str],
+    allow_remote: bool,
+) -> Tuple[Optional[Tuple[int, ...]], Tuple[str, ...]]:
+    """Check :class:`RpcWorker`'s arguments without starting anything; return its
+    ``devices`` and ``extra_args`` as tuples. Raises ``TypeError`` / ``ValueError``."""
+    if not isinstance(host, str) or not host:
+        raise TypeError(f"host must be a non-empty str, not {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"port must be an int, not {type(port).__name__}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0 (pick a free one) or 1..65535, not {_shown(port)}")
+    _check_optional(_check_int, "threads", threads, 1, 4096)
+    # Non-finite values are refused: a NaN deadline never passes, so the wait would be endless.
+    _check_timeout("startup_timeout", startup_timeout)
+    checked_devices = _check_devices(devices)
+    if isinstance(extra_args, str):
+        raise TypeError("extra_args must be a sequence of strings, not one string")
+    extra = check_extra_args("extra_args", extra_args, _MANAGED_FLAGS)
+    if not _is_loopback(host) and not allow_remote:
+        raise ValueError(
+            f"refusing to bind ggml-rpc-server to {host!r}: the RPC protocol has no authentication, "
+            "so anyone who can reach the port can use this machine's devices. Keep it on 127.0.0.1 "
+            "(and use an SSH tunnel), or pass allow_remote=True for a private network you trust."
+        )
+    return checked_devices, extra
+
+
 class _PortLost(Exception):
     """The worker could not bind a port we chose; worth another port."""
 
@@ -165,8 +212,10 @@ class RpcWorker(ProcessOwner):
     ``devices`` limits the GPUs the worker uses, as for :class:`~llamarocm.Server`;
     on a machine without a GPU the worker offers its CPU. ``threads`` sets the worker's
     CPU threads (its default is half the cores). ``extra_args`` go to the worker as
-    they are. ``host`` is an IPv4 address or name: the worker resolves it with
-    ``gethostbyname``.
+    they are, except the flags ``RpcWorker`` sets itself (``-H``/``--host``,
+    ``-p``/``--port``, ``-t``/``--threads``): those raise ``ValueError`` naming the
+    keyword argument to use. ``host`` is an IPv4 address or name: the worker resolves
+    it with ``gethostbyname``.
 
     Security: the RPC protocol has **no authentication**: whoever reaches the port can
     use the worker's memory and compute and send it crafted requests. A host that is
@@ -192,31 +241,14 @@ class RpcWorker(ProcessOwner):
         port: int = 0,
         devices: Optional[Sequence[int]] = None,
         server_path: Optional[str] = None,
-        startup_timeout: float = 30.0,
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         *,
         threads: Optional[int] = None,
         allow_remote: bool = False,
         extra_args: Sequence[str] = (),
     ) -> None:
-        if not isinstance(host, str) or not host:
-            raise TypeError(f"host must be a non-empty str, not {host!r}")
-        if isinstance(port, bool) or not isinstance(port, int):
-            raise TypeError(f"port must be an int, not {type(port).__name__}")
-        if not 0 <= port <= 65535:
-            raise ValueError(f"port must be 0 (pick a free one) or 1..65535, not {port}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, not {threads!r}")
-        if isinstance(extra_args, str):
-            raise TypeError("extra_args must be a sequence of strings, not one string")
-        if not isinstance(startup_timeout, (int, float)) or startup_timeout <= 0:
-            raise ValueError(f"startup_timeout must be a positive number, not {startup_timeout!r}")
+        devices, extra = check_worker_arguments(host, port, devices, startup_timeout, threads, extra_args, allow_remote)
         if not _is_loopback(host):
-            if not allow_remote:
-                raise ValueError(
-                    f"refusing to bind ggml-rpc-server to {host!r}: the RPC protocol has no authentication, "
-                    "so anyone who can reach the port can use this machine's devices. Keep it on 127.0.0.1 "
-                    "(and use an SSH tunnel), or pass allow_remote=True for a private network you trust."
-                )
             message = (
                 f"ggml-rpc-server will listen on {host}, beyond loopback, WITHOUT authentication: "
                 "anyone who can reach it can use this machine's memory and devices. Never expose it "
@@ -228,7 +260,7 @@ class RpcWorker(ProcessOwner):
         self._requested_port = port
         self.binary: Binary = find_binary("rpc", server_path)
         self._startup_timeout = float(startup_timeout)
-        self._extra = list(extra_args)
+        self._extra = list(extra)
         if threads is not None:
             self._extra = ["--threads", str(threads), *self._extra]
         env = dict(os.environ)

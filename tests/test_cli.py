@@ -191,3 +191,63 @@ def test_rpc_workers_may_be_repeated_or_comma_separated(monkeypatch, capsys):
     assert main(args) == 1
     assert seen["rpc"] == ["a:1", "b:2", "c:3"] and seen["path"] == "m.gguf"
     assert "stop here" in capsys.readouterr().err
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    """Fail the test if the command loads a model, starts a worker or finds the default
+    model (which assembles a 253 MB file on first use)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a usage error must be reported before anything starts")
+
+    monkeypatch.setattr("llamarocm.load_model", refuse)
+    monkeypatch.setattr("llamarocm.RpcWorker", refuse)
+    monkeypatch.setattr("llamarocm.cli.default_model_path", refuse)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["generate", "x", "--max-tokens", "0"], "max_tokens"),
+        (["generate", "x", "--max-tokens", "-3"], "max_tokens"),
+        (["generate", "x", "--max-tokens", str(2**40)], "max_tokens"),
+        (["generate", "x", "--temperature", "nan"], "temperature"),
+        (["generate", "x", "--temperature", "inf"], "temperature"),
+        (["generate", "x", "--temperature", "-1"], "temperature"),
+        (["generate", "x", "--seed", "-1"], "seed"),
+        (["generate", "x", "--context-length", "0"], "context_length"),
+        (["generate", "x", "--model", ""], "model path"),
+        (["generate", "x", "--rpc", "nowhere"], "host:port"),
+        (["chat", "--max-tokens", "0"], "max_tokens"),
+        (["chat", "--temperature", "nan"], "temperature"),
+        (["chat", "--context-length", str(2**30)], "context_length"),
+        (["rpc-worker", "--devices", "a"], "comma-separated GPU indices"),
+        (["rpc-worker", "--devices", "0,,1"], "comma-separated GPU indices"),
+        (["rpc-worker", "--devices", "-1"], "device index"),
+        (["rpc-worker", "--port", "70000"], "port"),
+        (["rpc-worker", "--threads", "0"], "threads"),
+        (["rpc-worker", "--host", "0.0.0.0"], "no authentication"),
+    ],
+)
+def test_bad_options_are_usage_errors_before_anything_starts(nothing_starts, capsys, argv, words):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and words in err and "Traceback" not in err
+
+
+def test_good_options_reach_load_model_and_generate(monkeypatch, capsys):
+    seen = {}
+
+    def fake_load_model(path, **kwargs):
+        seen.update(kwargs, path=path)
+        raise llamarocm.ServerStartError("stop here")
+
+    monkeypatch.setattr("llamarocm.load_model", fake_load_model)
+    args = ["generate", "x", "--model", "m.gguf", "--max-tokens", "5", "--temperature", "0.5",
+            "--context-length", "256"]
+    assert main(args) == 1
+    assert seen["path"] == "m.gguf" and seen["context_length"] == 256
+    assert "stop here" in capsys.readouterr().err

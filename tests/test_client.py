@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
+import threading
+import time
+from typing import Iterator
 
 import pytest
 import requests
@@ -87,3 +92,81 @@ def test_connection_reset_is_connection_lost(client):
         client.props()
 
 
+
+
+# -- an error answer whose body never comes -------------------------------------------
+
+ERROR_HEAD = (
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 100\r\nConnection: close\r\n\r\n"
+)
+
+
+@pytest.fixture
+def error_head_server() -> Iterator[dict]:
+    """A socket server that answers every request with ERROR_HEAD and a few body bytes,
+    then stalls; ``reset=True`` in the dict makes it reset the connection instead."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5.0)
+    state = {"url": f"http://127.0.0.1:{listener.getsockname()[1]}", "reset": False}
+    done = threading.Event()
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            conn.sendall(ERROR_HEAD + b'{"error": ')
+            if state["reset"]:
+                time.sleep(0.05)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            done.wait(5.0)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield state
+    done.set()
+    thread.join(5.0)
+    listener.close()
+
+
+def test_an_error_body_that_stalls_is_a_stream_timeout(error_head_server):
+    client = Client(error_head_server["url"])
+    stream = client.stream("/completion", {"prompt": "x"}, idle_timeout=0.3)
+    try:
+        with pytest.raises(llamarocm.StreamTimeoutError, match="0.3 s"):
+            stream.open()
+    finally:
+        stream.close()
+        client.close()
+
+
+def test_an_error_body_cut_short_is_connection_lost(error_head_server):
+    error_head_server["reset"] = True
+    client = Client(error_head_server["url"])
+    stream = client.stream("/completion", {"prompt": "x"}, idle_timeout=5.0)
+    try:
+        with pytest.raises(ConnectionLost, match="connection lost"):
+            stream.open()
+    finally:
+        stream.close()
+        client.close()
+
+
+def test_cancel_while_an_error_body_stalls_ends_open_quietly(error_head_server):
+    client = Client(error_head_server["url"])
+    stream = client.stream("/completion", {"prompt": "x"}, idle_timeout=5.0)
+    timer = threading.Timer(0.2, stream.cancel)
+    timer.start()
+    try:
+        started = time.monotonic()
+        stream.open()  # returns, raising nothing: the caller cancelled
+        assert time.monotonic() - started < 3.0
+        assert stream.cancelled
+    finally:
+        timer.join()
+        stream.close()
+        client.close()

@@ -107,3 +107,92 @@ def test_rpc_addresses_llama_cpp_cannot_use_are_refused(address, message):
     with pytest.raises(ValueError, match=message):
         LoadConfig("m.gguf", rpc=(address,))
     assert LoadConfig("m.gguf", rpc=("gpu-box:50052", "10.0.0.2:50052")).rpc == ("gpu-box:50052", "10.0.0.2:50052")
+
+
+@pytest.mark.parametrize(
+    "extra_args, keyword",
+    [
+        (["--ctx_size", "64"], "context_length="),
+        (["--ctx_size=64"], "context_length="),
+        (["-c", "64"], "context_length="),
+        (["--api_key", "k"], "fresh key"),
+        (["--api_key_file", "keys.txt"], "fresh key"),
+        (["--api-key=k"], "fresh key"),
+        (["--host=0.0.0.0"], "127.0.0.1"),
+        (["--port", "80"], "port"),
+        (["-np", "4"], "parallel="),
+        (["--api_key=k"], "fresh key"),
+        (["-m", "other.gguf"], "load_model's path"),
+        (["--model=other.gguf"], "load_model's path"),
+        (["--rpc", "127.0.0.1:50052"], "rpc="),
+        (["-ngl", "99"], "gpu_layers="),
+        (["--n_gpu_layers", "99"], "gpu_layers="),
+        (["--threads", "2"], "threads="),
+    ],
+)
+def test_managed_server_flags_are_refused_in_every_spelling(extra_args, keyword):
+    # llama.cpp reads "_" as "-" in long options, and the last occurrence wins.
+    with pytest.raises(ValueError, match=f"extra_args must not contain .*{keyword}"):
+        LoadConfig("m.gguf", extra_args=extra_args)
+
+
+def test_other_server_flags_pass_in_any_spelling():
+    args = ("--no_repack", "--tensor-split", "1,0", "-ctk", "q8_0", "--cache-reuse=256")
+    assert LoadConfig("m.gguf", extra_args=args).extra_args == args
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"timeout": 1e10},  # socket.settimeout overflows beyond ~9.2e9 s
+        {"timeout": 1e300},
+        {"timeout": 10**400},  # float() of this int overflows
+        {"timeout": -(10**400)},
+        {"max_tokens": 2**31},  # llama-server's n_predict is an int32: this would wrap
+        {"max_tokens": 10**400},
+        {"top_k": 2**31},
+        {"seed": 2**32 - 1},  # 0xFFFFFFFF is llama-server's "random seed"
+        {"seed": 10**400},
+        {"logprobs": 10**400},
+        {"temperature": 10**400},
+        {"temperature": -(10**400)},
+        {"top_p": 10**400},
+        {"min_p": -(10**400)},
+        {"repeat_penalty": 10**400},
+        {"repeat_penalty": 1e39},  # beyond a 32-bit float: infinity to llama-server
+    ],
+)
+def test_out_of_range_generate_numbers_are_value_errors(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        GenerateConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"startup_timeout": 1e10},
+        {"startup_timeout": 10**400},
+        {"startup_timeout": math.nan},
+        {"context_length": 10**400},
+        {"gpu_layers": 10**400},
+        {"parallel": 10**400},
+        {"threads": -(10**400)},
+        {"devices": [10**400]},
+        # -c is context_length * parallel, an int32 to llama-server.
+        {"context_length": 2**24, "parallel": 256},
+    ],
+)
+def test_out_of_range_load_numbers_are_value_errors(kwargs):
+    with pytest.raises(ValueError):
+        LoadConfig("m.gguf", **kwargs)
+
+
+def test_the_longest_timeouts_are_usable():
+    import socket
+
+    from llamarocm.config import MAX_TIMEOUT
+
+    cfg = GenerateConfig(timeout=MAX_TIMEOUT, max_tokens=2**31 - 1, top_k=2**31 - 1, seed=2**32 - 2)
+    with socket.socket() as sock:
+        sock.settimeout(cfg.timeout)
+    assert LoadConfig("m.gguf", startup_timeout=MAX_TIMEOUT).startup_timeout == MAX_TIMEOUT

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import signal
@@ -227,6 +228,44 @@ def test_loopback_hosts(host, loopback):
     ],
 )
 def test_bad_arguments_fail_before_anything_runs(kwargs, error):
+    with pytest.raises(error):
+        RpcWorker(server_path="/nonexistent/ggml-rpc-server", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "keyword"),
+    [
+        (["-H", "0.0.0.0"], "host="),
+        (["--host", "0.0.0.0"], "host="),
+        (["--host=0.0.0.0"], "host="),
+        (["-p", "50052"], "port="),
+        (["--port", "50052"], "port="),
+        (["--cache", "-t", "4"], "threads="),
+        (["--threads", "4"], "threads="),
+    ],
+)
+def test_flags_the_worker_manages_are_refused_in_extra_args(extra_args, keyword):
+    # ggml-rpc-server keeps the last -H: the worker would listen on every interface
+    # while reporting 127.0.0.1.
+    with pytest.raises(ValueError, match=f"extra_args must not contain .*use {keyword}"):
+        RpcWorker(extra_args=extra_args, server_path="/nonexistent/ggml-rpc-server")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"startup_timeout": math.nan}, ValueError),
+        ({"startup_timeout": math.inf}, ValueError),
+        ({"startup_timeout": 10**400}, ValueError),
+        ({"startup_timeout": 1e300}, ValueError),
+        ({"startup_timeout": True}, TypeError),
+        ({"startup_timeout": "30"}, TypeError),
+        ({"extra_args": [1]}, TypeError),
+        ({"extra_args": ["--cache\0"]}, ValueError),
+    ],
+)
+def test_unusable_startup_timeouts_and_args_are_refused(kwargs, error):
+    # A NaN start-up timeout would never expire: the wait would be endless.
     with pytest.raises(error):
         RpcWorker(server_path="/nonexistent/ggml-rpc-server", **kwargs)
 
