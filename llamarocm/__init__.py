@@ -15,6 +15,7 @@ from .batch import BatchResult
 from .config import GenerateConfig, LoadConfig
 from .devices import GPUDevice, VRAMInfo, check_fits, list_devices, vram_info
 from .errors import (
+    ClosedError,
     ContextLengthError,
     DeviceError,
     GGUFError,
@@ -61,6 +62,7 @@ __all__ = [
     "ServerNotFoundError",
     "ServerStartError",
     "ServerCrashedError",
+    "ClosedError",
     "RequestError",
     "StreamTimeoutError",
     "ContextLengthError",

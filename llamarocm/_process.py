@@ -15,7 +15,10 @@ protection against orphans:
 * ``weakref.finalize`` stops it at interpreter exit or when the owner is collected.
 
 The child's stdout and stderr share one pipe that a reader thread drains into a
-bounded ring buffer: an undrained pipe would block the child once it fills.
+ring buffer bounded in lines and in bytes (a verbose llama-server logs whole request
+and response bodies, a line of hundreds of kilobytes each): an undrained pipe would
+block the child once it fills. Secrets are redacted as lines arrive, and the tails
+quoted in errors leave out lines that carry request or response data.
 """
 
 from __future__ import annotations
@@ -41,26 +44,36 @@ __all__ = ["ManagedProcess", "ProcessOwner"]
 log = logging.getLogger("llamarocm")
 
 STOP_GRACE_SECONDS = 5.0
+#: The most of the child's output kept in memory, and the longest line kept whole.
+MAX_LOG_BYTES = 1 << 20
+MAX_LINE_BYTES = 8192
+#: Exit status of a child that found its owner gone before it could run.
+ORPHANED_EXIT_CODE = 70
 
-# Runs between fork and exec in place of preexec_fn when setpriv is not installed.
-# It re-checks the parent after arming the signal: had the parent died already, the
-# signal would never come.
+# Both ways of arming the parent-death signal re-check the parent once it is armed:
+# had the owner died between fork and prctl, the signal would never come, and the
+# child would run on as an orphan. setpriv execs a shell that compares $PPID (read
+# after the arming); without setpriv, a tiny Python shim does both (no preexec_fn).
+_PARENT_CHECK = f'test "$PPID" = "$1" || exit {ORPHANED_EXIT_CODE}; shift; exec "$@"'
 _PDEATHSIG_SHIM = (
     "import ctypes,os,sys\n"
     "libc=ctypes.CDLL(None,use_errno=True)\n"
     "libc.prctl(1,9,0,0,0)\n"
-    "os.getppid()!=int(sys.argv[1]) and os._exit(70)\n"
+    f"os.getppid()!=int(sys.argv[1]) and os._exit({ORPHANED_EXIT_CODE})\n"
     "os.execv(sys.argv[2],sys.argv[2:])\n"
 )
 
 
-def _pdeathsig_prefix() -> List[str]:
+def _pdeathsig_prefix(owner_pid: Optional[int] = None) -> List[str]:
+    """The argv prefix that arms the parent-death signal, then runs the rest only if
+    ``owner_pid`` (default: this process) is still the parent."""
     if not sys.platform.startswith("linux"):
         return []
+    owner = str(os.getpid() if owner_pid is None else owner_pid)
     setpriv = shutil.which("setpriv")
     if setpriv:
-        return [setpriv, "--pdeathsig", "KILL", "--"]
-    return [sys.executable, "-S", "-E", "-c", _PDEATHSIG_SHIM, str(os.getpid())]
+        return [setpriv, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _PARENT_CHECK, "sh", owner]
+    return [sys.executable, "-S", "-E", "-c", _PDEATHSIG_SHIM, owner]
 
 
 class _Spawner:
@@ -154,30 +167,73 @@ def _stop(proc: subprocess.Popen, owner_pid: int, grace: float) -> Optional[int]
     return proc.poll()
 
 
+def _is_data_line(line: str) -> bool:
+    # A request or response body (JSON), as a verbose llama-server logs them: prompts
+    # and replies, which have no place in an error message or a traceback.
+    return '{"' in line
+
+
 class _Output:
     """The child's recent output lines; shared with the drain thread, which must not
-    hold the ManagedProcess itself (that would keep it from ever being collected)."""
+    hold the ManagedProcess itself (that would keep it from ever being collected).
 
-    def __init__(self, max_lines: int) -> None:
-        self.lines: Deque[str] = collections.deque(maxlen=max_lines)
+    Bounded by ``max_lines`` and by :data:`MAX_LOG_BYTES`; a line longer than
+    :data:`MAX_LINE_BYTES` keeps only its start. ``redact`` strings become ``***``
+    before a line is stored, so no cut can leave half a secret behind.
+    """
+
+    def __init__(self, max_lines: int, redact: Sequence[str] = ()) -> None:
+        self.lines: Deque[str] = collections.deque()
+        self.max_lines = max_lines
+        self.size = 0
         self.count = 0
         self.ended = False
         self.changed = threading.Condition()
+        self._redact = [secret for secret in redact if secret]
 
     def drain(self, pipe) -> None:
+        cutting = False  # inside the rest of an over-long line, which is dropped
         try:
-            for raw in iter(pipe.readline, b""):
+            for raw in iter(lambda: pipe.readline(MAX_LINE_BYTES), b""):
+                whole = raw.endswith(b"\n")
+                if cutting:
+                    cutting = not whole
+                    continue
                 line = raw.decode("utf-8", "replace")
-                with self.changed:
-                    self.lines.append(line)
-                    self.count += 1
-                    self.changed.notify_all()
+                if not whole and len(raw) == MAX_LINE_BYTES:
+                    cutting = True
+                    line = self._cut(line)
+                self._add(self._redacted(line))
         except (OSError, ValueError):
             pass  # pipe closed under us by stop()
         finally:
             with self.changed:
                 self.ended = True
                 self.changed.notify_all()
+
+    def _redacted(self, line: str) -> str:
+        for secret in self._redact:
+            line = line.replace(secret, "***")
+        return line
+
+    def _cut(self, line: str) -> str:
+        # The cut may fall inside a secret: drop any end that begins one.
+        for secret in self._redact:
+            for n in range(len(secret) - 1, 0, -1):
+                if line.endswith(secret[:n]):
+                    line = line[:-n]
+                    break
+        return line + " [... line cut]\n"
+
+    def _add(self, line: str) -> None:
+        size = len(line.encode())
+        with self.changed:
+            self.lines.append(line)
+            self.size += size
+            while len(self.lines) > 1 and (len(self.lines) > self.max_lines or self.size > MAX_LOG_BYTES):
+                self.size -= len(self.lines.popleft().encode())
+            self.count += 1
+            self.changed.notify_all()
 
 
 class ManagedProcess:
@@ -197,8 +253,7 @@ class ManagedProcess:
         redact: Sequence[str] = (),
     ) -> None:
         self.name = name
-        self._output = _Output(max_lines)
-        self._redact = [s for s in redact if s]
+        self._output = _Output(max_lines, redact)
         self._stop_lock = threading.Lock()
         self._owner_pid = os.getpid()
         self._proc = _spawner.spawn(list(_pdeathsig_prefix()) + list(argv), env)
@@ -243,13 +298,21 @@ class ManagedProcess:
         self._drainer.join(timeout)
 
     def output_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` lines the child printed, secrets redacted."""
+        """The last ``lines`` lines the child printed, for error messages: secrets
+        redacted, and each run of request/response data lines shown as one note."""
         with self._output.changed:
             tail = list(self._output.lines)[-lines:]
-        text = "".join(tail)
-        for secret in self._redact:
-            text = text.replace(secret, "***")
-        return text
+        shown: List[str] = []
+        left_out = 0
+        for line in [*tail, ""]:  # "" closes a run of data lines at the end
+            if line and _is_data_line(line):
+                left_out += 1
+                continue
+            if left_out:
+                shown.append(f"[{left_out} line(s) of request/response data left out]\n")
+                left_out = 0
+            shown.append(line)
+        return "".join(shown)
 
     @property
     def line_count(self) -> int:

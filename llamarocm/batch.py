@@ -68,24 +68,46 @@ def run_batch(
     running: "set[TokenStream]" = set()
     first_error: List[BaseException] = []
 
-    def one(prompt: Prompt) -> BatchResult:
-        if stop.is_set():
-            return BatchResult(prompt, None, _Cancelled("not run: an earlier prompt failed"), None, None)
+    def start(prompt: Prompt) -> Optional[TokenStream]:
+        """Open the prompt's stream, tracked for cancelling; ``None`` once stopping."""
         stream = model.generate(prompt, **config) if isinstance(prompt, str) else model.chat(prompt, **config)
         with lock:
-            running.add(stream)
+            # Checked with the stream already open and under the lock that cancelling
+            # takes: a stop either sees this stream or is seen here.
+            if not stop.is_set():
+                running.add(stream)
+                return stream
+        stream.close()
+        return None
+
+    def one(prompt: Prompt) -> BatchResult:
+        stream: Optional[TokenStream] = None
         try:
+            if not stop.is_set():
+                stream = start(prompt)
+            if stream is None:
+                return BatchResult(prompt, None, _Cancelled("not run: the batch was stopped"), None, None)
             text = stream.text()
             return BatchResult(prompt, text, None, stream.metrics, stream.finish_reason)
-        except Exception as exc:  # recorded per item; fail_fast re-raises below
+        except Exception as exc:  # recorded per item (an error before the stream too); fail_fast re-raises below
             if fail_fast:
                 with lock:
                     first_error.append(exc)
                 stop.set()
+            if stream is None:
+                return BatchResult(prompt, None, exc, None, None)
             return BatchResult(prompt, None, exc, stream.metrics, stream.finish_reason)
         finally:
-            with lock:
-                running.discard(stream)
+            if stream is not None:
+                with lock:
+                    running.discard(stream)
+
+    def cancel_running() -> None:
+        with lock:
+            stop.set()
+            doomed = list(running)
+        for stream in doomed:
+            stream.close()
 
     results: List[Optional[BatchResult]] = [None] * len(prompts)
     with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="llamarocm-map") as pool:
@@ -98,17 +120,12 @@ def run_batch(
                 if progress is not None:
                     progress(done, len(prompts))
                 if stop.is_set():
-                    with lock:
-                        doomed = list(running)
-                    for stream in doomed:
-                        stream.close()
+                    cancel_running()
         except BaseException:
             # Ctrl-C or a failing progress callback: cancel what runs, skip the rest.
-            stop.set()
-            with lock:
-                doomed = list(running)
-            for stream in doomed:
-                stream.close()
+            for future in futures:
+                future.cancel()
+            cancel_running()
             raise
     if first_error:
         raise first_error[0]

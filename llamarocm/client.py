@@ -23,7 +23,6 @@ import http.client
 import json
 import os
 import socket
-import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional
 from urllib.parse import urlsplit
 
@@ -195,7 +194,6 @@ class EventStream:
         self._conn = conn
         self._data = data
         self._headers = headers
-        self._lock = threading.Lock()
         self._sock: Optional[socket.socket] = None
         self._resp: Optional[http.client.HTTPResponse] = None
         self._owner_pid = os.getpid()
@@ -206,10 +204,12 @@ class EventStream:
             self._conn.connect()
         except OSError as exc:
             raise ConnectionLost(f"POST {self.path}: connection failed: {exc}") from exc
-        with self._lock:
-            self._sock = self._conn.sock
-            cancelled = self.cancelled
-        if cancelled:
+        # No lock between this and cancel(), which a signal handler may call while the
+        # interrupted thread is anywhere. Each side writes its own field, then reads the
+        # other's: under the interpreter's sequential order at least one sees the other,
+        # so the socket is shut down at least once (twice does no harm).
+        self._sock = self._conn.sock
+        if self.cancelled:
             self._shutdown()
             return
         try:
@@ -289,9 +289,10 @@ class EventStream:
             raise ConnectionLost(f"POST {self.path}: connection lost: {exc}") from exc
 
     def cancel(self) -> None:
-        """Stop the stream: the reader sees the end at once and the server frees the slot."""
-        with self._lock:
-            self.cancelled = True
+        """Stop the stream: the reader sees the end at once and the server frees the slot.
+
+        Takes no lock: safe from any thread and from a signal handler."""
+        self.cancelled = True
         self._shutdown()
 
     def _shutdown(self) -> None:
@@ -299,8 +300,7 @@ class EventStream:
             # shutdown() acts on the connection itself, which a forked child shares with
             # its parent: it would cut the parent's stream.
             return
-        with self._lock:
-            sock = self._sock
+        sock = self._sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -10,6 +10,8 @@ The tree::
     │                                   or an RPC worker is unreachable; carries
     │                                   ``stderr_tail``
     ├── ServerCrashedError              the server died after it was ready
+    ├── ClosedError                     the model or server was closed (also by a
+    │                                   close() in another thread during the call)
     ├── RequestError                    the server refused or broke one request;
     │   │                               carries ``status`` and the server's message
     │   ├── StreamTimeoutError          (also a TimeoutError) no data for too long
@@ -34,6 +36,7 @@ __all__ = [
     "ServerNotFoundError",
     "ServerStartError",
     "ServerCrashedError",
+    "ClosedError",
     "RequestError",
     "StreamTimeoutError",
     "ContextLengthError",
@@ -63,6 +66,8 @@ class _WithStderr(LlamaRocmError):
     """An error about the server process, quoting the end of its log."""
 
     def __init__(self, message: str, stderr_tail: str = "", returncode: Optional[int] = None) -> None:
+        #: What happened, without the log.
+        self.reason = message
         self.stderr_tail = stderr_tail
         self.returncode = returncode
         if stderr_tail:
@@ -76,6 +81,11 @@ class ServerStartError(_WithStderr):
 
 class ServerCrashedError(_WithStderr):
     """The server process died after it had become ready."""
+
+
+class ClosedError(LlamaRocmError):
+    """The model or server was closed: by this thread before the call, or by another
+    thread while the call or a restart ran. Nothing crashed; nothing will restart."""
 
 
 class RequestError(LlamaRocmError):

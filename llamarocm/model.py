@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 from .client import Client, ConnectionLost, EventStream
 from .config import GenerateConfig
-from .errors import LlamaRocmError, OutputParseError, RequestError, ServerCrashedError
+from .errors import ClosedError, LlamaRocmError, OutputParseError, RequestError, ServerCrashedError
 
 __all__ = ["Model", "TokenStream", "Token", "TopLogprob", "GenerateMetrics"]
 
@@ -36,8 +36,17 @@ _END = object()
 # How long the consumer blocks on the queue between checks that the reader lives.
 # The reader always ends with a sentinel, so this only bounds a bug, never a wait.
 _CONSUMER_CHECK_INTERVAL = 1.0
-# A dead server's socket closes a moment before the process is reaped.
+# A dead server's socket closes a moment before the process is reaped: a connection
+# lost without an answer waits this long for the exit before calling it a crash.
 _CRASH_CONFIRM_SECONDS = 1.0
+
+
+def _fork_error(owner_pid: int) -> LlamaRocmError:
+    # After os.fork() the child shares the parent's server, sockets and key; using
+    # them from two processes would interleave requests on one connection.
+    return LlamaRocmError(
+        f"this model belongs to process {owner_pid}; after fork, load a new model in the child"
+    )
 
 
 class TopLogprob(NamedTuple):
@@ -83,7 +92,7 @@ class GenerateMetrics:
 class _StreamState:
     """Everything the reader thread and the consumer share (never the stream itself)."""
 
-    def __init__(self, events: EventStream) -> None:
+    def __init__(self, events: EventStream, epoch: int) -> None:
         # SimpleQueue: implemented in C, a cheaper hand-off than Queue for every batch.
         self.queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         # Known before the request is sent, so a cancel during the prompt's evaluation
@@ -97,6 +106,9 @@ class _StreamState:
         self.ended_at: Optional[float] = None
         self.generated = 0
         self.done = threading.Event()
+        # Which server life the request went to (Model restarts count them): a
+        # connection lost to an earlier life is no crash of the current one.
+        self.epoch = epoch
 
     @property
     def cancel_requested(self) -> bool:
@@ -140,9 +152,15 @@ _Parser = Callable[[Mapping[str, Any], List[Token], _StreamState], None]
 def _read(
     state: _StreamState,
     parse: _Parser,
-    crash_check: Callable[[], Optional[ServerCrashedError]],
+    on_lost: Callable[[_StreamState, ConnectionLost], BaseException],
+    on_end: Callable[[_StreamState], None],
 ) -> None:
-    """The reader thread: request, decode, hand tokens over; always ends with _END."""
+    """The reader thread: request, decode, hand tokens over; always ends with _END.
+
+    ``on_lost`` says what a connection lost without an answer means (a crash, a
+    close, a restart); an answer of the server, even an error, is taken as it is,
+    at once. ``on_end`` runs last, after the consumer has its sentinel.
+    """
     events = state.events
     try:
         events.open()
@@ -152,13 +170,11 @@ def _read(
                 for event in batch:
                     if event.event == "error":
                         raise _stream_error(event.data)
-                    if event.data == "[DONE]":
-                        continue
                     try:
                         obj = json.loads(event.data)
                     except ValueError as exc:
                         raise RequestError(f"llama-server sent malformed JSON: {event.data[:200]!r}") from exc
-                    if isinstance(obj, dict) and "error" in obj and not obj.get("choices"):
+                    if isinstance(obj, dict) and "error" in obj:
                         raise _stream_error(event.data)
                     parse(obj, tokens, state)
             finally:
@@ -173,27 +189,23 @@ def _read(
             if state.cancel_requested:
                 state.finish_reason = "cancelled"
             else:
-                crashed = crash_check()
-                if crashed is not None:
-                    raise crashed
-                raise RequestError("llama-server ended the stream without finishing it")
+                raise ConnectionLost("llama-server ended the stream without finishing it")
     except ConnectionLost as exc:
         if state.cancel_requested:
             state.finish_reason = state.finish_reason or "cancelled"
         else:
-            state.error = crash_check() or exc
+            state.error = on_lost(state, exc)
     except BaseException as exc:  # handed to the consumer, never printed by the thread
         if state.cancel_requested and isinstance(exc, RequestError) and exc.status is None:
             state.finish_reason = state.finish_reason or "cancelled"
         else:
-            if isinstance(exc, RequestError) and exc.status is None and not isinstance(exc, ServerCrashedError):
-                exc = crash_check() or exc
             state.error = exc
     finally:
         events.close()
         state.ended_at = time.monotonic()
         state.done.set()
         state.queue.put(_END)
+        on_end(state)
 
 
 def _stream_error(data: str) -> RequestError:
@@ -220,28 +232,41 @@ class TokenStream:
     ...         print(token.text, end="")
     """
 
-    def __init__(self, model: "Model", path: str, body: Dict[str, Any], config: GenerateConfig, parse: _Parser) -> None:
-        self._model = model
-        # Built here, not in the reader: a body that cannot be sent raises in the caller.
-        self._state = _StreamState(model.client.stream(path, body, config.timeout))
+    def __init__(
+        self,
+        state: _StreamState,
+        parse: _Parser,
+        *,
+        on_lost: Callable[[_StreamState, ConnectionLost], BaseException],
+        on_end: Callable[[_StreamState], None],
+        on_error: Callable[[BaseException], None],
+        owner_pid: int,
+    ) -> None:
+        # Made by Model, which hands over only what a stream needs: what a lost
+        # connection means, what to do when the reader ends, where errors are recorded.
+        self._state = state
+        self._on_error = on_error
+        self._owner_pid = owner_pid
         self._buffer: List[Token] = []
         self._index = 0
         self._finished = False
         self._thread = threading.Thread(
             target=_read,
-            args=(self._state, parse, model._crash_error),
+            args=(state, parse, on_lost, on_end),
             name="llamarocm-stream",
             daemon=True,
         )
         # Cancel on collection; the callback holds only the shared state.
-        self._finalizer = weakref.finalize(self, self._state.cancel)
-        model._register(self._state)
+        self._finalizer = weakref.finalize(self, state.cancel)
         self._thread.start()
 
     def __iter__(self) -> "TokenStream":
         return self
 
     def __next__(self) -> Token:
+        if os.getpid() != self._owner_pid:
+            # A forked child has the queue but no reader: it would end silently.
+            raise _fork_error(self._owner_pid)
         if self._index < len(self._buffer):
             token = self._buffer[self._index]
             self._index += 1
@@ -272,25 +297,23 @@ class TokenStream:
     def _finish(self) -> None:
         self._finished = True
         self._finalizer.detach()
-        self._model._unregister(self._state)
         error = self._state.error
         if error is not None:
-            self._model._record_error(error)
+            self._on_error(error)
             raise error
 
     def close(self) -> None:
         """Cancel the request (the server frees the slot) and wait for the reader.
 
-        Idempotent; callable from any thread. Tokens already received are dropped.
+        Idempotent; callable from any thread, and from a signal handler: it takes no
+        lock that the interrupted code could hold. Tokens already received are dropped.
         """
-        if os.getpid() != self._model._owner_pid:
+        if os.getpid() != self._owner_pid:
             return  # a forked child has no reader thread, and must not cut the parent's stream
         self._state.cancel()
         self._finalizer.detach()
         if self._thread is not threading.current_thread():
             self._state.done.wait(10.0)
-        if self._state.done.is_set():  # else Model.close() still waits for this reader
-            self._model._unregister(self._state)
 
     def __enter__(self) -> "TokenStream":
         return self
@@ -384,10 +407,17 @@ class Model:
         self.rpc_placement: Dict[str, float] = rpc_placement if rpc_placement is not None else {}
         self._lock = threading.Lock()
         self._last_error: Optional[BaseException] = None
+        # The first record of a crash; each caller gets a fresh copy (see _failure).
         self._crashed: Optional[ServerCrashedError] = None
         self._closed = False
-        self._streams: "weakref.WeakSet[_StreamState]" = weakref.WeakSet()
+        # Streams whose reader runs; the reader removes its own at its end.
+        self._streams: "set[_StreamState]" = set()
         self._owner_pid = os.getpid()
+        # Server lives: a restart starts a new one. Calls wait while it is cleared.
+        self._epoch = 0
+        self._not_restarting = threading.Event()
+        self._not_restarting.set()
+        self._restart_lock = threading.Lock()
 
     # -- requests ----------------------------------------------------------------
 
@@ -426,8 +456,7 @@ class Model:
         if self._no_chat_template_reason:
             # llama-server would silently render ChatML, which most models never saw.
             raise ValueError(self._no_chat_template_reason)
-        self._check_usable()
-        rendered = self._call(lambda: self.client.post_json("/apply-template", {"messages": checked}))
+        rendered = self._call(lambda client: client.post_json("/apply-template", {"messages": checked}))
         prompt = rendered.get("prompt") if isinstance(rendered, dict) else None
         if not isinstance(prompt, str):
             raise RequestError(f"llama-server's /apply-template answered without a prompt: {rendered!r:.200}")
@@ -473,8 +502,7 @@ class Model:
                 raise TypeError(f"texts[{i}] must be a str, not {type(text).__name__}")
         if self.embeddings is False:
             raise ValueError("this model was loaded without embeddings=True")
-        self._check_usable()
-        answer = self._call(lambda: self.client.post_json("/v1/embeddings", {"input": list(texts)}))
+        answer = self._call(lambda client: client.post_json("/v1/embeddings", {"input": list(texts)}))
         data = sorted(answer.get("data") or [], key=lambda item: item.get("index", 0))
         if len(data) != len(texts):
             raise RequestError(f"llama-server returned {len(data)} embeddings for {len(texts)} texts")
@@ -484,64 +512,113 @@ class Model:
         """The model's token ids for ``text`` (no BOS added)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
-        self._check_usable()
-        return list(self._call(lambda: self.client.post_json("/tokenize", {"content": text}))["tokens"])
+        return list(self._call(lambda client: client.post_json("/tokenize", {"content": text}))["tokens"])
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """The text of token ``ids``."""
         if isinstance(ids, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise TypeError("ids must be a sequence of ints")
-        self._check_usable()
-        return str(self._call(lambda: self.client.post_json("/detokenize", {"tokens": list(ids)}))["content"])
+        return str(self._call(lambda client: client.post_json("/detokenize", {"tokens": list(ids)}))["content"])
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
+    def _call(self, fn: Callable[[Client], Any]) -> Any:
+        """A plain call: ``fn(client)`` on the server of now, its errors recorded."""
+        client, epoch = self._usable()
         try:
-            return fn()
+            return fn(client)
         except ConnectionLost as exc:
-            error: BaseException = self._crash_error() or exc
+            error = self._failure(epoch, exc)
             self._record_error(error)
+            if error is exc:
+                raise
             raise error from exc
         except LlamaRocmError as exc:
             self._record_error(exc)
             raise
 
     def _open(self, path: str, body: Dict[str, Any], cfg: GenerateConfig, parse: _Parser) -> TokenStream:
-        self._check_usable()
-        return TokenStream(self, path, body, cfg, parse)
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise LlamaRocmError("this model is closed")
-        if os.getpid() != self._owner_pid:
-            # After os.fork() the child shares the parent's server, sockets and key; using
-            # them from two processes would interleave requests on one connection pool.
-            raise LlamaRocmError(
-                f"this model belongs to process {self._owner_pid}; after fork, load a new model in the child"
+        while True:
+            client, epoch = self._usable()
+            # Built here, not in the reader: a body that cannot be sent raises in the caller.
+            state = _StreamState(client.stream(path, body, cfg.timeout), epoch)
+            if self._register(state):
+                break
+            # A restart began in between: that client's server is going away.
+        try:
+            return TokenStream(
+                state,
+                parse,
+                on_lost=self._stream_lost,
+                on_end=self._unregister,
+                on_error=self._record_error,
+                owner_pid=self._owner_pid,
             )
-        with self._lock:
-            crashed = self._crashed
-        if crashed is None and self.server is not None and not self.server.alive():
-            crashed = self._crash_error()
-        if crashed is not None:
-            raise crashed
+        except BaseException:
+            self._unregister(state)
+            raise
 
     # -- state -------------------------------------------------------------------
 
-    def _crash_error(self) -> Optional[ServerCrashedError]:
-        """If our server has died, the error that says so (remembered for later calls)."""
+    def _usable(self) -> "tuple[Client, int]":
+        """The client for a new call and the server life it talks to.
+
+        Waits while a restart runs; raises when the model is closed, belongs to the
+        parent of a fork, or its server has died (a fresh error each time).
+        """
+        if os.getpid() != self._owner_pid:
+            raise _fork_error(self._owner_pid)
+        while True:
+            self._not_restarting.wait()
+            with self._lock:
+                if self._closed:
+                    raise ClosedError("this model is closed")
+                if self._not_restarting.is_set():
+                    client, epoch, crashed = self.client, self._epoch, self._crashed is not None
+                    break
+        if crashed or (self.server is not None and not self.server.alive()):
+            error = self._gone(epoch, None)
+            if error is not None:
+                raise error
+        return client, epoch
+
+    def _failure(self, epoch: int, lost: ConnectionLost) -> BaseException:
+        """What a connection ``lost`` without an answer means for a call made in
+        server life ``epoch`` (see :meth:`_gone`); ``lost`` itself if the server lives."""
+        return self._gone(epoch, lost) or lost
+
+    def _gone(self, epoch: int, cause: Optional[BaseException]) -> Optional[BaseException]:
+        """Why the server of life ``epoch`` cannot answer: the model was closed, the
+        server restarted, or it died; ``None`` while it runs.
+
+        A crash is recorded once and every caller gets a fresh copy (the record as its
+        cause): one object re-raised from many calls and threads would grow its
+        traceback, and the locals of every frame in it, without bound.
+        """
         server = self.server
-        if server is None:
-            return None
-        code = server.wait(_CRASH_CONFIRM_SECONDS)
-        if code is None:
-            return None
+        code = None
+        if server is not None and self._crashed is None:
+            code = server.wait(_CRASH_CONFIRM_SECONDS)  # the socket closes before the exit
         with self._lock:
-            if self._crashed is None:
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                self._crashed = ServerCrashedError(
-                    f"llama-server (pid {server.pid}) {how}", server.stderr_tail(), code
-                )
-            return self._crashed
+            if self._closed:
+                error: BaseException = ClosedError("the model was closed during this request")
+            elif epoch != self._epoch:
+                error = RequestError("llama-server was restarted during this request")
+            else:
+                if self._crashed is None and code is not None and server is not None:
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    self._crashed = ServerCrashedError(
+                        f"llama-server (pid {server.pid}) {how}", server.stderr_tail(), code
+                    )
+                record = self._crashed
+                if record is None:
+                    return None
+                error = ServerCrashedError(record.reason, record.stderr_tail, record.returncode)
+                error.__cause__ = record
+                return error
+        error.__cause__ = cause
+        return error
+
+    def _stream_lost(self, state: _StreamState, lost: ConnectionLost) -> BaseException:
+        return self._failure(state.epoch, lost)
 
     def _record_error(self, error: BaseException) -> None:
         with self._lock:
@@ -553,9 +630,17 @@ class Model:
         with self._lock:
             return self._last_error
 
-    def _register(self, state: _StreamState) -> None:
+    def _register(self, state: _StreamState) -> bool:
+        """Track a new stream, unless a restart began since its client was chosen.
+        Atomic with close() and restart(): a stream is either cancelled by them or
+        never started."""
         with self._lock:
+            if self._closed:
+                raise ClosedError("this model is closed")
+            if state.epoch != self._epoch:
+                return False
             self._streams.add(state)
+            return True
 
     def _unregister(self, state: _StreamState) -> None:
         with self._lock:
@@ -564,42 +649,54 @@ class Model:
     def restart(self) -> None:
         """Stop the server (if it still runs) and start it again with the same settings.
 
-        Open streams are cancelled; a crash recorded before is forgotten. Nothing ever
-        restarts on its own: this is the explicit way back after a
+        Open streams are cancelled; calls made meanwhile from other threads wait for
+        the new server; a crash recorded before is forgotten. Nothing ever restarts on
+        its own: this is the explicit way back after a
         :class:`~llamarocm.ServerCrashedError`. RPC workers are probed and their share
-        of the weights checked again, as by ``load_model``.
+        of the weights checked again, as by ``load_model``. A :meth:`close` from another
+        thread wins: the restart then raises :class:`~llamarocm.ClosedError`.
         """
         if self.server is None:
             raise LlamaRocmError("this model is attached to a server it did not start: it cannot restart it")
-        if self._closed:
-            raise LlamaRocmError("this model is closed")
-        self._cancel_streams()
-        self.server.restart()
-        with self._lock:
-            self.client = self.server.client
-            self._crashed = None
-
-    def _cancel_streams(self, wait: float = 5.0) -> None:
-        with self._lock:
-            streams = list(self._streams)
-        for state in streams:
-            state.cancel()
-        deadline = time.monotonic() + wait
-        for state in streams:
-            state.done.wait(max(0.0, deadline - time.monotonic()))
+        if os.getpid() != self._owner_pid:
+            raise _fork_error(self._owner_pid)
+        with self._restart_lock:
+            with self._lock:
+                if self._closed:
+                    raise ClosedError("this model is closed")
+                self._epoch += 1
+                self._not_restarting.clear()
+                streams = list(self._streams)
+            try:
+                _cancel(streams)
+                self.server.restart()
+                with self._lock:
+                    if self._closed:
+                        raise ClosedError("the model was closed during the restart")
+                    self.client = self.server.client
+                    self._crashed = None
+            finally:
+                self._not_restarting.set()
 
     def close(self) -> None:
-        """Cancel open streams, stop the server we started. Idempotent."""
+        """Cancel open streams, stop the server we started. Idempotent.
+
+        Once it returns, no process of this model runs, whatever other threads do: a
+        call or restart overlapping it raises :class:`~llamarocm.ClosedError`.
+        """
+        if os.getpid() != self._owner_pid:
+            # A forked child must not shut down sockets it shares with the parent (that
+            # would cancel the parent's streams) nor stop the parent's server; nor take
+            # a lock that another thread of the parent may have held at the fork.
+            self._closed = True
+            return
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        if os.getpid() != self._owner_pid:
-            # A forked child must not shut down sockets it shares with the parent (that
-            # would cancel the parent's streams) nor stop the parent's server.
-            return
+            streams = list(self._streams)
         try:
-            self._cancel_streams()
+            _cancel(streams)
         finally:
             # Even if interrupted above, the server must not outlive a closed model.
             try:
@@ -616,6 +713,15 @@ class Model:
 
     def __repr__(self) -> str:
         return f"<Model {getattr(self.info, 'path', '?')} server={self.server!r}>"
+
+
+def _cancel(streams: Sequence[_StreamState], wait: float = 5.0) -> None:
+    """Cancel ``streams`` and wait (at most ``wait`` s in all) for their readers."""
+    for state in streams:
+        state.cancel()
+    deadline = time.monotonic() + wait
+    for state in streams:
+        state.done.wait(max(0.0, deadline - time.monotonic()))
 
 
 def _check_messages(messages: Any) -> List[Dict[str, Any]]:

@@ -12,14 +12,16 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ._binaries import Binary, find_binary
 from ._process import ManagedProcess, ProcessOwner
 from .client import Client, ConnectionLost
+from .config import _check_timeout
 from .devices import device_environment
-from .errors import GGUFError, ModelNotFoundError, RequestError, ServerStartError
+from .errors import ClosedError, GGUFError, ModelNotFoundError, RequestError, ServerStartError
 
 __all__ = ["Server"]
 
@@ -118,8 +120,7 @@ class Server(ProcessOwner):
     ) -> None:
         self.model_path = os.path.abspath(os.fspath(model_path))
         _check_model_file(self.model_path)
-        if isinstance(startup_timeout, bool) or not isinstance(startup_timeout, (int, float)) or startup_timeout <= 0:
-            raise ValueError(f"startup_timeout must be a positive number of seconds, got {startup_timeout!r}")
+        _check_timeout("startup_timeout", startup_timeout)
         self.binary: Binary = find_binary("server", server_path)
         self._args = list(args)
         self._startup_timeout = startup_timeout
@@ -142,6 +143,9 @@ class Server(ProcessOwner):
         self.url = ""
         self.client: Optional[Client] = None
         self.props: Dict[str, Any] = {}
+        # Guards _closed and every new process: close() either stops a process or
+        # keeps it from being spawned, whatever a restart in another thread is doing.
+        self._lifecycle = threading.Lock()
         self._closed = False
         self._start()
 
@@ -155,25 +159,33 @@ class Server(ProcessOwner):
             self._before_start()
         last_error: Optional[ServerStartError] = None
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            self.port = _free_port()
-            self.url = f"http://{HOST}:{self.port}"
-            try:
-                self._process = ManagedProcess(
-                    self._argv(self.port), self._env, name="llama-server", max_lines=LOG_LINES, redact=[self.api_key]
-                )
-            except OSError as exc:
-                raise ServerStartError(f"could not run {self.binary.path}: {exc}") from exc
-            self.client = Client(self.url, self.api_key)
+            port = _free_port()
+            with self._lifecycle:
+                if self._closed:
+                    raise ClosedError("this server was closed")
+                self.port = port
+                self.url = f"http://{HOST}:{port}"
+                try:
+                    self._process = ManagedProcess(
+                        self._argv(port), self._env, name="llama-server", max_lines=LOG_LINES, redact=[self.api_key]
+                    )
+                except OSError as exc:
+                    raise ServerStartError(f"could not run {self.binary.path}: {exc}") from exc
+                self.client = Client(self.url, self.api_key)
             try:
                 self._wait_ready()
                 if self._on_ready is not None:
                     self._on_ready(self)
+                if self._closed:  # close() stopped it meanwhile
+                    raise ClosedError("this server was closed while it started")
                 if self._progress is not None:
                     self._progress(1.0, "ready")
                 log.info("llama-server pid %d ready at %s (%s)", self.pid, self.url, self.binary.source)
                 return
             except ServerStartError as exc:
                 self._teardown()
+                if self._closed:
+                    raise ClosedError("this server was closed while it started") from exc
                 if not getattr(exc, "port_in_use", False):
                     raise
                 log.warning("port %d was taken before llama-server bound it (attempt %d)", self.port, attempt)
@@ -256,29 +268,30 @@ class Server(ProcessOwner):
             self._process.stop()
 
     def restart(self) -> None:
-        """Stop the process and start a fresh one (new port, new API key)."""
+        """Stop the process and start a fresh one (new port, new API key).
+
+        A :meth:`close` from another thread wins: the restart raises
+        :class:`~llamarocm.ClosedError` and leaves no process behind.
+        """
         if self._closed:
-            raise ServerStartError("this server was closed; start a new one")
+            raise ClosedError("this server was closed; start a new one")
         self._teardown()
         self.api_key = secrets.token_urlsafe(32)
         self._env["LLAMA_API_KEY"] = self.api_key
         self._start()
 
     def close(self) -> None:
-        """Stop the server (TERM, up to 5 s, KILL, reap). Idempotent, thread-safe."""
-        self._closed = True
+        """Stop the server (TERM, up to 5 s, KILL, reap). Idempotent, thread-safe.
+
+        Once it returns no process of this server runs, and none will be started.
+        """
+        with self._lifecycle:
+            self._closed = True
         self._teardown()
 
-
-
-    # -- state -------------------------------------------------------------------
-
-
-
-
-
     def stderr_tail(self, lines: int = 40) -> str:
-        """The last lines the server logged (the API key redacted)."""
+        """The last lines the server logged: the API key redacted, lines of request or
+        response data (a verbose log's prompts and replies) left out."""
         return self._tail(lines)
 
     def __repr__(self) -> str:

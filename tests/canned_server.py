@@ -26,6 +26,22 @@ class CannedServer:
             def _answer(self, body: Optional[dict]) -> None:
                 owner.requests.append((self.path, body))
                 status, payload, mode = owner.routes.get(self.path, (404, b'{"error": "no route"}', "plain"))
+                if mode == "hang":
+                    # One event, then silence until the client goes away: a stream that
+                    # only a cancel can end (bounded, so a leaked one cannot hold a test).
+                    self.send_response(status)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(payload), payload))
+                    self.wfile.flush()
+                    self.connection.settimeout(30)
+                    try:
+                        while self.connection.recv(1024):
+                            pass
+                    except OSError:
+                        pass
+                    self.close_connection = True
+                    return
                 if mode == "reset":
                     self.send_response(status)
                     self.send_header("Transfer-Encoding", "chunked")
@@ -75,6 +91,9 @@ class CannedServer:
 
     def json(self, path: str, obj, status: int = 200) -> None:
         self.routes[path] = (status, json.dumps(obj).encode(), "plain")
+
+    def hang_after(self, path: str, body: bytes) -> None:
+        self.routes[path] = (200, body, "hang")
 
     def reset_after(self, path: str, body: bytes) -> None:
         self.routes[path] = (200, body, "reset")

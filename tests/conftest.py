@@ -113,6 +113,12 @@ FAKE_SERVER = textwrap.dedent(
         sys.exit(3)
     if mode == "hang":
         time.sleep(3600)
+    if mode == "bodies":  # what a verbose log shows: request and response bodies
+        print('srv  log_server_request: request: {{"prompt": "SECRET-PROMPT"}}', flush=True)
+        print('srv  operator(): http: streamed chunk: data: {{"content": "SECRET-REPLY"}}', flush=True)
+        print("x" * 200000, flush=True)
+        print("error: the real reason", flush=True)
+        sys.exit(3)
     port = int(sys.argv[sys.argv.index("--port") + 1])
     key = os.environ.get("LLAMA_API_KEY", "")
 

@@ -1,5 +1,10 @@
-"""A bounded soak: 16 threads x 25 requests on one model with 4 slots, a quarter of
-them cancelled at random points, and the server SIGKILLed near the end.
+"""Bounded soaks with the real server.
+
+The first: 16 threads x 25 requests on one model with 4 slots, a quarter of them
+cancelled by their own thread at random points, while another thread closes other
+threads' streams at random moments and restarts the model twice; the server is
+SIGKILLed near the end. The second: 8 threads stream until another thread closes the
+model at a random moment.
 
 Afterwards every request has either finished or raised a typed error, no thread is
 stuck, threads and file descriptors are back where they started, and no llama-server
@@ -46,16 +51,17 @@ def test_soak(model_path, server_binary):
     untyped = []
     lock = threading.Lock()
     done = threading.Semaphore(0)
+    current = {}  # each worker's open stream, for the chaos thread to close
     started = time.monotonic()
 
     with llamarocm.load_model(model_path, parallel=4, context_length=256, server_path=server_binary) as model:
-        server_pid = model.server.pid
 
-        def worker(plan):
+        def worker(index, plan):
             for cancel, at in plan:
                 outcome, tokens = "finished", 0
                 try:
                     with model.generate("Once upon a time", max_tokens=4, temperature=0.0) as stream:
+                        current[index] = stream
                         for i, _ in enumerate(stream):
                             tokens += 1
                             if cancel and i >= at:
@@ -74,12 +80,19 @@ def test_soak(model_path, server_binary):
                     counts["tokens"] += tokens
                 done.release()
 
-        workers = [threading.Thread(target=worker, args=(plan,), name=f"soak-{i}") for i, plan in enumerate(plans)]
+        workers = [threading.Thread(target=worker, args=(i, plan), name=f"soak-{i}") for i, plan in enumerate(plans)]
         for w in workers:
             w.start()
-        for _ in range(crash_after):
+        restarts = {int(total * 0.3), int(total * 0.6)}
+        for finished in range(crash_after):
             assert done.acquire(timeout=120), "no request finished for 2 minutes: deadlock?"
-        os.kill(server_pid, signal.SIGKILL)
+            if rng.random() < 0.2:  # another thread's stream, closed from here
+                stream = current.get(rng.randrange(THREADS))
+                if stream is not None:
+                    stream.close()
+            if finished in restarts:
+                model.restart()
+        os.kill(model.server.pid, signal.SIGKILL)
         for w in workers:
             w.join(120)
             assert not w.is_alive(), f"{w.name} is stuck"
@@ -94,3 +107,51 @@ def test_soak(model_path, server_binary):
     assert llama_server_pids() == before_servers
     print(f"\nsoak: {total} requests in {elapsed:.1f} s: {counts}; threads {threads_before} -> "
           f"{_threads()}, fds {fds_before} -> {_fds()}")
+
+
+def test_close_at_a_random_moment(model_path, server_binary):
+    """Closing a model under 8 busy threads: every call ends cancelled, finished or
+    with ClosedError (never a crash), and nothing is left behind."""
+    from conftest import llama_server_pids
+
+    before_servers = llama_server_pids()
+    threads_before, fds_before = _threads(), _fds()
+    rng = random.Random(20261130)
+    outcomes = []
+    lock = threading.Lock()
+    done = threading.Semaphore(0)
+    model = llamarocm.load_model(model_path, parallel=4, context_length=256, server_path=server_binary)
+
+    def worker():
+        while True:
+            try:
+                with model.generate("Once upon a time", max_tokens=8, temperature=0.0) as stream:
+                    stream.text()
+                outcome = stream.finish_reason
+            except llamarocm.ClosedError:
+                outcome = "closed"
+            except BaseException as exc:
+                outcome = exc
+            with lock:
+                outcomes.append(outcome)
+            done.release()
+            if outcome not in ("stop", "length", "cancelled"):
+                return
+
+    workers = [threading.Thread(target=worker, name=f"close-soak-{i}") for i in range(8)]
+    for w in workers:
+        w.start()
+    for _ in range(rng.randint(8, 40)):
+        assert done.acquire(timeout=60), "no request finished for a minute: deadlock?"
+    model.close()
+    assert not model.server.alive()
+    for w in workers:
+        w.join(60)
+        assert not w.is_alive(), f"{w.name} is stuck"
+    unexpected = [o for o in outcomes if o not in ("stop", "length", "cancelled", "closed")]
+    assert not unexpected, unexpected[:3]
+    assert outcomes.count("closed") == 8
+    assert _threads() == threads_before, threading.enumerate()
+    assert _fds() <= fds_before, "file descriptors leaked"
+    assert llama_server_pids() == before_servers
+    print(f"\nclose soak: {len(outcomes)} calls, {outcomes.count('cancelled')} cancelled by the close")
