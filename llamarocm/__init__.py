@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from .backend import connect, load_model
 from .batch import BatchResult
 from .config import GenerateConfig, LoadConfig
 from .devices import GPUDevice, VRAMInfo, check_fits, list_devices, vram_info
 from .errors import (
     ClosedError,
+    ConnectionLostError,
     ContextLengthError,
     DeviceError,
     GGUFError,
@@ -26,12 +26,15 @@ from .errors import (
     ServerCrashedError,
     ServerNotFoundError,
     ServerStartError,
+    SkippedError,
     StreamTimeoutError,
 )
 from .gguf import GGUFMetadata, ModelInfo, discover_models, read_metadata
-from .model import GenerateMetrics, Model, Token, TokenStream, TopLogprob
+from .loading import connect, load_model
+from .model import Model
 from .rpc import RpcWorker
 from .server import Server
+from .stream import GenerateMetrics, Token, TokenStream, TopLogprob
 
 __version__ = "0.1.0"
 
@@ -63,6 +66,8 @@ __all__ = [
     "ServerStartError",
     "ServerCrashedError",
     "ClosedError",
+    "ConnectionLostError",
+    "SkippedError",
     "RequestError",
     "StreamTimeoutError",
     "ContextLengthError",

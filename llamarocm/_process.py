@@ -36,10 +36,10 @@ import time
 import weakref
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
-from ._binaries import label_of, unsupported_cpu_message
-from .errors import ServerStartError
+from ._binaries import Binary, label_of, unsupported_cpu_message
+from .errors import ClosedError, ServerStartError
 
-__all__ = ["ManagedProcess", "ProcessOwner"]
+__all__ = ["ManagedProcess", "ProcessOwner", "PORT_ATTEMPTS"]
 
 log = logging.getLogger("llamarocm")
 
@@ -350,14 +350,145 @@ class ManagedProcess:
         return count
 
 
+#: Start attempts when the port chosen for a child is taken before the child binds it.
+PORT_ATTEMPTS = 3
+
+
 class ProcessOwner:
-    """What every owner of one :class:`ManagedProcess` offers (``Server``,
-    ``RpcWorker``): its state, and stopping it when a ``with`` block ends."""
+    """The owner of one :class:`ManagedProcess` at a time (``Server``, ``RpcWorker``):
+    the one start loop, the one stop, and the state both offer.
+
+    Start follows jupyter_client's pattern, written once: choose a port, spawn, wait
+    for readiness while checking the child lives, and on any failure tear down what
+    was started; a start that lost its port to another process is retried on a new
+    one. An owner supplies only what differs: its argv, its readiness test, what a
+    lost port looks like in its log (:attr:`_bind_failure_markers`), and optional hooks
+    around the start. ``close()`` wins over a start in another thread: once it returns
+    no process of the owner runs, and that start raises :class:`ClosedError`.
+    """
 
     _process: Optional[ManagedProcess] = None
+    #: ``find_binary`` kind: "server" or "rpc".
+    _kind = "server"
+    #: Lines of the child's log that mean it could not bind its port.
+    _bind_failure_markers: Tuple[str, ...] = ()
+    _max_lines = 400
 
-    def close(self) -> None:  # pragma: no cover - each owner stops its own way
+    def __init__(self, binary: Binary, env: Dict[str, str], host: str) -> None:
+        self.binary = binary
+        self.host = host
+        # On an abort ggml attaches gdb for a backtrace: a second's delay and a log tail
+        # full of stack frames instead of the error. A value the user set is kept.
+        env.setdefault("GGML_NO_BACKTRACE", "1")
+        self._env = env
+        self.port = 0
+        # Guards _closed and every new process: close() either stops a process or
+        # keeps it from being spawned, whatever a start in another thread is doing.
+        self._lifecycle = threading.Lock()
+        self._closed = False
+
+    # -- what an owner supplies ------------------------------------------------------
+
+    def _argv(self, port: int) -> List[str]:  # pragma: no cover - every owner has one
         raise NotImplementedError
+
+    def _wait_ready(self, proc: ManagedProcess) -> None:  # pragma: no cover
+        """Return once ``proc`` serves; raise ``ServerStartError`` if it cannot."""
+        raise NotImplementedError
+
+    def _choose_port(self) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def _port_attempts(self) -> int:
+        return PORT_ATTEMPTS
+
+    def _before_spawn(self) -> None:
+        """Runs before each start (restarts too); may raise to refuse it."""
+
+    def _spawned(self, port: int) -> None:
+        """Runs under the lifecycle lock once the child for ``port`` exists."""
+
+    def _after_ready(self) -> None:
+        """Runs once the child is ready; may raise to refuse the start."""
+
+    def _redact(self) -> List[str]:
+        return []
+
+    # -- the one start loop and the one stop -----------------------------------------
+
+    def _start(self) -> None:
+        self._before_spawn()
+        attempts = self._port_attempts()
+        lost: Optional[ServerStartError] = None
+        for attempt in range(1, attempts + 1):
+            proc = self._spawn(self._choose_port())
+            try:
+                self._wait_ready(proc)
+                self._after_ready()
+                if self._closed:  # close() stopped it meanwhile
+                    raise ClosedError(f"this {label_of(self._kind)} was closed while it started")
+                log.info("%s pid %d ready on %s:%d (%s)", label_of(self._kind), proc.pid, self.host, self.port,
+                         self.binary.source)
+                return
+            except ServerStartError as exc:
+                self._teardown()
+                if self._closed:
+                    raise ClosedError(f"this {label_of(self._kind)} was closed while it started") from exc
+                if not self._lost_port(exc):
+                    raise
+                log.warning(
+                    "port %d was taken before %s bound it (attempt %d)", self.port, label_of(self._kind), attempt
+                )
+                lost = exc
+            except BaseException:  # KeyboardInterrupt included: never leave the child behind
+                self._teardown()
+                raise
+        assert lost is not None
+        raise self._ports_exhausted(lost, attempts)
+
+    def _spawn(self, port: int) -> ManagedProcess:
+        with self._lifecycle:
+            if self._closed:
+                raise ClosedError(f"this {label_of(self._kind)} was closed")
+            self.port = port
+            try:
+                self._process = ManagedProcess(
+                    self._argv(port),
+                    self._env,
+                    name=label_of(self._kind),
+                    max_lines=self._max_lines,
+                    redact=self._redact(),
+                )
+            except OSError as exc:
+                raise ServerStartError(f"could not run {self.binary.path}: {exc}") from exc
+            self._spawned(port)
+            return self._process
+
+    def _lost_port(self, error: ServerStartError) -> bool:
+        tail = error.stderr_tail.lower()
+        return any(marker in tail for marker in self._bind_failure_markers)
+
+    def _ports_exhausted(self, lost: ServerStartError, attempts: int) -> ServerStartError:
+        if attempts == 1:
+            what = f"{self.host}:{self.port}: the port is in use (taken after it was checked)"
+        else:
+            what = f"a free port on {self.host} in {attempts} attempts"
+        return ServerStartError(f"{label_of(self._kind)} could not bind {what}", lost.stderr_tail, lost.returncode)
+
+    def _teardown(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+
+    def close(self) -> None:
+        """Stop the process (TERM, up to 5 s, KILL, reap). Idempotent, thread-safe.
+
+        Once it returns no process of this owner runs, and none will be started.
+        """
+        with self._lifecycle:
+            self._closed = True
+        self._teardown()
+
+    # -- state -----------------------------------------------------------------------
 
     def __enter__(self):
         return self
@@ -387,15 +518,15 @@ class ProcessOwner:
     def _tail(self, lines: int) -> str:
         return self._process.output_tail(lines) if self._process is not None else ""
 
-    def _exit_error(self, code: int, kind: str, when: str) -> ServerStartError:
-        """The ServerStartError for a child of ``kind`` that exited with ``code`` during
-        start-up, quoting its last lines (SIGILL: the unsupported-CPU explanation)."""
+    def _exit_error(self, code: int, when: str) -> ServerStartError:
+        """The ServerStartError for the child that exited with ``code`` during start-up,
+        quoting its last lines (SIGILL: the unsupported-CPU explanation)."""
         proc = self._process
         assert proc is not None
         proc.wait(1.0)
         proc.wait_drained(1.0)  # the last lines (often the reason) may still be in the pipe
         tail = proc.output_tail()
         if code == -signal.SIGILL:
-            return ServerStartError(unsupported_cpu_message(self.binary, kind), tail, code)  # type: ignore[attr-defined]
+            return ServerStartError(unsupported_cpu_message(self.binary, self._kind), tail, code)
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return ServerStartError(f"{label_of(kind)} {how} {when}", tail, code)
+        return ServerStartError(f"{label_of(self._kind)} {how} {when}", tail, code)

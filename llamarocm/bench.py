@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
-from .backend import load_model
+from .loading import load_model
 from .client import Client
 from .config import GenerateConfig
 from .gguf import read_metadata

@@ -30,17 +30,13 @@ import requests
 
 from ._chunked import Dechunker
 from ._sse import ServerSentEvent, SSEDecoder
-from .errors import RequestError, StreamTimeoutError, error_from_response
+from .errors import ConnectionLostError, RequestError, StreamTimeoutError, error_from_payload
 
-__all__ = ["Client", "EventStream", "ConnectionLost"]
+__all__ = ["Client", "EventStream"]
 
 CONNECT_TIMEOUT = 5.0
 CALL_TIMEOUT = 30.0
 READ_SIZE = 65536
-
-
-class ConnectionLost(RequestError):
-    """The connection broke mid-request; the caller decides whether the server died."""
 
 
 class Client:
@@ -121,9 +117,9 @@ class Client:
         except requests.Timeout as exc:
             raise StreamTimeoutError(f"{method} {path}: no answer within {timeout} s") from exc
         except requests.RequestException as exc:
-            raise ConnectionLost(f"{method} {path}: connection failed: {exc}") from exc
+            raise ConnectionLostError(f"{method} {path}: connection failed: {exc}") from exc
         if resp.status_code >= 400:
-            raise error_from_response(resp.status_code, resp.text)
+            raise error_from_payload(resp.text, resp.status_code)
         try:
             return resp.json()
         except ValueError as exc:
@@ -203,7 +199,7 @@ class EventStream:
         try:
             self._conn.connect()
         except OSError as exc:
-            raise ConnectionLost(f"POST {self.path}: connection failed: {exc}") from exc
+            raise ConnectionLostError(f"POST {self.path}: connection failed: {exc}") from exc
         # No lock between this and cancel(), which a signal handler may call while the
         # interrupted thread is anywhere. Each side writes its own field, then reads the
         # other's: under the interpreter's sequential order at least one sees the other,
@@ -228,12 +224,12 @@ class EventStream:
         except (OSError, http.client.HTTPException) as exc:
             if self.cancelled:
                 return
-            raise ConnectionLost(f"POST {self.path}: connection lost: {exc}") from exc
+            raise ConnectionLostError(f"POST {self.path}: connection lost: {exc}") from exc
         if resp.status >= 400:
             text = self._error_body(resp)
             if text is None:
                 return  # cancelled while the body was read
-            raise error_from_response(resp.status, text)
+            raise error_from_payload(text, resp.status)
         self._resp = resp
 
     def _error_body(self, resp: http.client.HTTPResponse) -> Optional[str]:
@@ -251,7 +247,7 @@ class EventStream:
         except (OSError, http.client.HTTPException) as exc:
             if self.cancelled:
                 return None
-            raise ConnectionLost(
+            raise ConnectionLostError(
                 f"POST {self.path}: connection lost reading the HTTP {resp.status} answer: {exc}"
             ) from exc
         finally:
@@ -286,7 +282,7 @@ class EventStream:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             if self.cancelled:
                 return
-            raise ConnectionLost(f"POST {self.path}: connection lost: {exc}") from exc
+            raise ConnectionLostError(f"POST {self.path}: connection lost: {exc}") from exc
 
     def cancel(self) -> None:
         """Stop the stream: the reader sees the end at once and the server frees the slot.

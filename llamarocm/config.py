@@ -11,9 +11,9 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-__all__ = ["GenerateConfig", "LoadConfig"]
+__all__ = ["GenerateConfig", "LoadConfig", "check_messages"]
 
 # Fields the stream itself sets and reads back; overriding one would break it.
 _RESERVED_FIELDS = frozenset({"prompt", "stream", "return_tokens", "messages"})
@@ -168,7 +168,7 @@ def _check_devices(value: Any) -> Optional[Tuple[int, ...]]:
     return tuple(value)
 
 
-def _check_json(name: str, value: Mapping[str, Any]) -> None:
+def _check_json(name: str, value: Any) -> None:
     """Refuse what cannot go into a request body: llama-server parses strict JSON."""
     try:
         json.dumps(value, allow_nan=False)
@@ -360,3 +360,24 @@ def _check_rpc_address(address: str) -> str:
         # llama.cpp splits the endpoint at its first colon and resolves IPv4 only.
         raise ValueError(f"rpc workers are reached over IPv4 (a name or a dotted address), got {address!r}")
     return address
+
+
+def check_messages(messages: Any) -> List[Dict[str, Any]]:
+    """``messages`` as a list of plain dicts, or ``TypeError`` / ``ValueError`` naming
+    the first message that is not ``{"role": str, "content": str}`` or not JSON."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    if not messages:
+        raise ValueError("messages must not be empty")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"messages[{i}] must be a dict, not {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise TypeError(f"messages[{i}]['role'] must be a non-empty str")
+        if not isinstance(content, str):
+            raise TypeError(f"messages[{i}]['content'] must be a str")
+        checked.append(dict(message))
+    _check_json("messages", checked)
+    return checked

@@ -14,22 +14,32 @@ The tree::
     │                                   close() in another thread during the call)
     ├── RequestError                    the server refused or broke one request;
     │   │                               carries ``status`` and the server's message
+    │   ├── ConnectionLostError         the connection broke without an answer (to a
+    │   │                               server we did not start: we cannot tell why)
     │   ├── StreamTimeoutError          (also a TimeoutError) no data for too long
     │   └── ContextLengthError          (also a ValueError) prompt + output exceed
     │                                   the slot's context
     ├── GGUFError                       (also a ValueError) not a readable GGUF file
     ├── ModelNotFoundError              (also a FileNotFoundError) no such model file
     ├── DeviceError                     no usable GPU, or the model does not fit
-    └── OutputParseError                (also a ValueError) output is not what was asked
+    ├── OutputParseError                (also a ValueError) output is not what was asked
+    └── SkippedError                    a batch item never ran: the batch was stopped
+                                        (``fail_fast``, Ctrl-C) before its turn
 
 The builtin mix-ins mean callers who know nothing of llamarocm can still write
 ``except ValueError`` or ``except TimeoutError``. Wrong argument types and values are
 plain ``TypeError`` / ``ValueError`` raised before any work starts.
+
+This module is also the one place where what the server or the socket says becomes one
+of these classes: :func:`error_from_payload` reads llama-server's error bodies, and the
+client translates socket and HTTP failures into :class:`ConnectionLostError` and
+:class:`StreamTimeoutError`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from typing import Optional, Tuple
 
 __all__ = [
     "LlamaRocmError",
@@ -38,12 +48,15 @@ __all__ = [
     "ServerCrashedError",
     "ClosedError",
     "RequestError",
+    "ConnectionLostError",
     "StreamTimeoutError",
     "ContextLengthError",
     "GGUFError",
     "ModelNotFoundError",
     "DeviceError",
     "OutputParseError",
+    "SkippedError",
+    "error_from_payload",
 ]
 
 
@@ -101,6 +114,15 @@ class RequestError(LlamaRocmError):
         self.server_message = server_message
 
 
+class ConnectionLostError(RequestError):
+    """The connection to the server broke before its answer was complete.
+
+    With a server this process started, the model checks whether the process died
+    and raises :class:`ServerCrashedError` (or :class:`ClosedError`) instead; with a
+    server attached by :func:`~llamarocm.connect`, this is all that can be known.
+    """
+
+
 class StreamTimeoutError(RequestError, TimeoutError):
     """No data arrived from the server for longer than the stream's ``timeout``."""
 
@@ -125,14 +147,14 @@ class OutputParseError(LlamaRocmError, ValueError):
     """The generated text is not in the requested format (e.g. ``stream.json()``)."""
 
 
-def error_from_response(status: int, body: str) -> RequestError:
-    """The typed error for an HTTP error response from llama-server.
+class SkippedError(LlamaRocmError):
+    """A prompt of :meth:`~llamarocm.Model.map` that never ran: the batch was stopped
+    (``fail_fast`` after another prompt failed, or an interrupt) before its turn."""
 
-    llama-server answers ``{"error": {"code", "message", "type"}}``; a context
-    overflow has type ``exceed_context_size_error``.
-    """
-    import json
 
+def _server_words(body: str) -> Tuple[str, str]:
+    """The message and the error type in a llama-server error body
+    (``{"error": {"code", "message", "type"}}``), or the body itself, cut short."""
     message, kind = body.strip()[:2000], ""
     try:
         payload = json.loads(body)
@@ -145,7 +167,21 @@ def error_from_response(status: int, body: str) -> RequestError:
             kind = str(err.get("type", ""))
         elif isinstance(err, str):
             message = err
-    text = f"llama-server answered HTTP {status}: {message or '(no message)'}"
+    return message, kind
+
+
+def error_from_payload(body: str, status: Optional[int]) -> RequestError:
+    """The typed error for an error llama-server reported: an HTTP error answer
+    (``status``), or an error event in the middle of a stream (``status`` ``None``).
+
+    A context overflow (type ``exceed_context_size_error``) is a
+    :class:`ContextLengthError`; a 401 says the key was refused.
+    """
+    message, kind = _server_words(body)
+    if status is None:
+        text = f"llama-server reported an error mid-stream: {message or '(no message)'}"
+    else:
+        text = f"llama-server answered HTTP {status}: {message or '(no message)'}"
     if kind == "exceed_context_size_error" or "context size" in message or "context length" in message:
         return ContextLengthError(text, status, message)
     if status == 401:

@@ -1,370 +1,33 @@
-"""The inference API: ``Model``, ``TokenStream``, ``Token`` and ``GenerateMetrics``.
-
-Each stream has one reader thread that reads the server's events and puts lists of
-tokens (one list per network read, so a burst costs one queue hand-off) on a
-``queue.Queue``; the consuming iterator takes them off and re-raises the reader's
-error at the end, in the manner of ``concurrent.futures``. The reader thread never
-holds the ``TokenStream`` itself, so dropping a stream lets it be collected, which
-cancels the request.
+"""``Model``: a loaded model, the calls it offers, and its life (crash, restart, close).
 
 Thread safety: a ``Model`` may be shared by any number of threads, each running its
-own streams. A ``TokenStream`` has one consumer; its ``close()`` may be called from
-any thread (a watchdog, a signal handler's thread).
+own streams (:mod:`llamarocm.stream`). A lock orders every change of its life: a new
+stream registers under it, and ``close()`` / ``restart()`` list the streams to cancel
+under it, so none slips between. ``close()`` wins over everything: once it returns no
+process of the model runs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import queue
 import threading
 import time
-import weakref
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from .client import Client, ConnectionLost, EventStream
-from .config import GenerateConfig
-from .errors import ClosedError, LlamaRocmError, OutputParseError, RequestError, ServerCrashedError
+from .batch import BatchResult, run_batch
+from .client import Client
+from .config import GenerateConfig, check_messages
+from .errors import ClosedError, ConnectionLostError, LlamaRocmError, RequestError, ServerCrashedError
+from .stream import StreamState, TokenStream, fork_error
 
-__all__ = ["Model", "TokenStream", "Token", "TopLogprob", "GenerateMetrics"]
+__all__ = ["Model"]
 
 log = logging.getLogger("llamarocm")
 
-_END = object()
-# How long the consumer blocks on the queue between checks that the reader lives.
-# The reader always ends with a sentinel, so this only bounds a bug, never a wait.
-_CONSUMER_CHECK_INTERVAL = 1.0
 # A dead server's socket closes a moment before the process is reaped: a connection
 # lost without an answer waits this long for the exit before calling it a crash.
 _CRASH_CONFIRM_SECONDS = 1.0
-
-
-def _fork_error(owner_pid: int) -> LlamaRocmError:
-    # After os.fork() the child shares the parent's server, sockets and key; using
-    # them from two processes would interleave requests on one connection.
-    return LlamaRocmError(
-        f"this model belongs to process {owner_pid}; after fork, load a new model in the child"
-    )
-
-
-class TopLogprob(NamedTuple):
-    """One of the most likely alternatives at a position (``logprobs=N``)."""
-
-    text: str
-    id: int
-    logprob: float
-
-
-class Token(NamedTuple):
-    """One generated token: its text, id and, with ``logprobs=N``, its log-probability
-    and the ``N`` most likely alternatives.
-
-    ``id`` is ``None`` only when the server leaves the ids out (llama-server's
-    native stream always carries them). A token that ends inside a multi-byte
-    character has empty ``text``; the character arrives whole with the next token.
-    """
-
-    text: str
-    id: Optional[int] = None
-    logprob: Optional[float] = None
-    top_logprobs: Optional[Tuple[TopLogprob, ...]] = None
-
-
-@dataclass(frozen=True)
-class GenerateMetrics:
-    """Figures for one finished stream.
-
-    ``prompt_tokens`` counts cached plus newly evaluated prompt tokens;
-    ``generated_tokens`` the tokens the stream yielded. Durations are seconds,
-    measured by the client from the call; rates are the server's own timings.
-    """
-
-    prompt_tokens: Optional[int]
-    generated_tokens: int
-    time_to_first_token: Optional[float]
-    total_duration: float
-    prefill_tokens_per_second: Optional[float]
-    decode_tokens_per_second: Optional[float]
-
-
-class _StreamState:
-    """Everything the reader thread and the consumer share (never the stream itself)."""
-
-    def __init__(self, events: EventStream, epoch: int) -> None:
-        # SimpleQueue: implemented in C, a cheaper hand-off than Queue for every batch.
-        self.queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        # Known before the request is sent, so a cancel during the prompt's evaluation
-        # (or while queued for a slot) shuts the socket down at once.
-        self.events = events
-        self.error: Optional[BaseException] = None
-        self.finish_reason: Optional[str] = None
-        self.final: Dict[str, Any] = {}
-        self.started = time.monotonic()
-        self.first_token_at: Optional[float] = None
-        self.ended_at: Optional[float] = None
-        self.generated = 0
-        self.done = threading.Event()
-        # Which server life the request went to (Model restarts count them): a
-        # connection lost to an earlier life is no crash of the current one.
-        self.epoch = epoch
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self.events.cancelled
-
-    def cancel(self) -> None:
-        self.events.cancel()
-
-
-def _parse_completion_chunk(obj: Mapping[str, Any], out: List[Token], state: _StreamState) -> None:
-    """One event of the native ``/completion`` stream: text, token ids, log-probabilities."""
-    content = obj.get("content") or ""
-    ids = obj.get("tokens") or []
-    probs = obj.get("completion_probabilities")
-    if probs and len(probs) == len(ids):
-        # With logprobs, build full tokens; the text stays on the last, as below.
-        last = len(ids) - 1
-        for i, (token_id, p) in enumerate(zip(ids, probs)):
-            tops = tuple(
-                TopLogprob(t.get("token", ""), t.get("id"), t.get("logprob")) for t in p.get("top_logprobs") or ()
-            )
-            out.append(Token(content if i == last else "", token_id, p.get("logprob"), tops))
-    elif len(ids) > 1:
-        # Several tokens in one event (e.g. a held-back partial stop string): yield
-        # each id so counts match the server's, the text on the last.
-        out.extend(Token("", i) for i in ids[:-1])
-        out.append(Token(content, ids[-1]))
-    elif ids:
-        out.append(Token(content, ids[0]))
-    elif content:
-        out.append(Token(content, None))
-    if obj.get("stop"):
-        state.final = dict(obj)
-        stop_type = obj.get("stop_type")
-        state.finish_reason = "length" if stop_type == "limit" else "stop"
-
-
-_Parser = Callable[[Mapping[str, Any], List[Token], _StreamState], None]
-
-
-def _read(
-    state: _StreamState,
-    parse: _Parser,
-    on_lost: Callable[[_StreamState, ConnectionLost], BaseException],
-    on_end: Callable[[_StreamState], None],
-) -> None:
-    """The reader thread: request, decode, hand tokens over; always ends with _END.
-
-    ``on_lost`` says what a connection lost without an answer means (a crash, a
-    close, a restart); an answer of the server, even an error, is taken as it is,
-    at once. ``on_end`` runs last, after the consumer has its sentinel.
-    """
-    events = state.events
-    try:
-        events.open()
-        for batch in events:
-            tokens: List[Token] = []
-            try:
-                for event in batch:
-                    if event.event == "error":
-                        raise _stream_error(event.data)
-                    try:
-                        obj = json.loads(event.data)
-                    except ValueError as exc:
-                        raise RequestError(f"llama-server sent malformed JSON: {event.data[:200]!r}") from exc
-                    if isinstance(obj, dict) and "error" in obj:
-                        raise _stream_error(event.data)
-                    parse(obj, tokens, state)
-            finally:
-                # Tokens that arrived before an error in the same read are still the
-                # consumer's: hand them over first.
-                if tokens:
-                    if state.first_token_at is None:
-                        state.first_token_at = time.monotonic()
-                    state.generated += len(tokens)
-                    state.queue.put(tokens)
-        if state.finish_reason is None:  # a close() after the final event changes nothing
-            if state.cancel_requested:
-                state.finish_reason = "cancelled"
-            else:
-                raise ConnectionLost("llama-server ended the stream without finishing it")
-    except ConnectionLost as exc:
-        if state.cancel_requested:
-            state.finish_reason = state.finish_reason or "cancelled"
-        else:
-            state.error = on_lost(state, exc)
-    except BaseException as exc:  # handed to the consumer, never printed by the thread
-        if state.cancel_requested and isinstance(exc, RequestError) and exc.status is None:
-            state.finish_reason = state.finish_reason or "cancelled"
-        else:
-            state.error = exc
-    finally:
-        events.close()
-        state.ended_at = time.monotonic()
-        state.done.set()
-        state.queue.put(_END)
-        on_end(state)
-
-
-def _stream_error(data: str) -> RequestError:
-    message = data
-    try:
-        payload = json.loads(data)
-        err = payload.get("error", payload) if isinstance(payload, dict) else payload
-        if isinstance(err, dict):
-            message = str(err.get("message", data))
-    except ValueError:
-        pass
-    return RequestError(f"llama-server reported an error mid-stream: {message}", None, message)
-
-
-class TokenStream:
-    """An iterator of :class:`Token` as the server produces them.
-
-    Use it as a context manager or call :meth:`close` to cancel early; breaking out
-    of a loop over a temporary stream, or dropping the last reference, cancels too.
-    A failure raises from iteration and is kept in :attr:`error`.
-
-    >>> with model.generate("Hello", max_tokens=8) as stream:  # doctest: +SKIP
-    ...     for token in stream:
-    ...         print(token.text, end="")
-    """
-
-    def __init__(
-        self,
-        state: _StreamState,
-        parse: _Parser,
-        *,
-        on_lost: Callable[[_StreamState, ConnectionLost], BaseException],
-        on_end: Callable[[_StreamState], None],
-        on_error: Callable[[BaseException], None],
-        owner_pid: int,
-    ) -> None:
-        # Made by Model, which hands over only what a stream needs: what a lost
-        # connection means, what to do when the reader ends, where errors are recorded.
-        self._state = state
-        self._on_error = on_error
-        self._owner_pid = owner_pid
-        self._buffer: List[Token] = []
-        self._index = 0
-        self._finished = False
-        self._thread = threading.Thread(
-            target=_read,
-            args=(state, parse, on_lost, on_end),
-            name="llamarocm-stream",
-            daemon=True,
-        )
-        # Cancel on collection; the callback holds only the shared state.
-        self._finalizer = weakref.finalize(self, state.cancel)
-        self._thread.start()
-
-    def __iter__(self) -> "TokenStream":
-        return self
-
-    def __next__(self) -> Token:
-        if os.getpid() != self._owner_pid:
-            # A forked child has the queue but no reader: it would end silently.
-            raise _fork_error(self._owner_pid)
-        if self._index < len(self._buffer):
-            token = self._buffer[self._index]
-            self._index += 1
-            return token
-        if self._finished:
-            raise StopIteration
-        try:
-            item = self._take()
-        except BaseException:
-            # Ctrl-C (or any error) in the consumer: the server must stop working for us.
-            self.close()
-            raise
-        if item is _END:
-            self._finish()
-            raise StopIteration
-        self._buffer = item
-        self._index = 1
-        return item[0]
-
-    def _take(self) -> Any:
-        while True:
-            try:
-                return self._state.queue.get(timeout=_CONSUMER_CHECK_INTERVAL)
-            except queue.Empty:
-                if not self._thread.is_alive() and self._state.queue.empty():
-                    return _END
-
-    def _finish(self) -> None:
-        self._finished = True
-        self._finalizer.detach()
-        error = self._state.error
-        if error is not None:
-            self._on_error(error)
-            raise error
-
-    def close(self) -> None:
-        """Cancel the request (the server frees the slot) and wait for the reader.
-
-        Idempotent; callable from any thread, and from a signal handler: it takes no
-        lock that the interrupted code could hold. Tokens already received are dropped.
-        """
-        if os.getpid() != self._owner_pid:
-            return  # a forked child has no reader thread, and must not cut the parent's stream
-        self._state.cancel()
-        self._finalizer.detach()
-        if self._thread is not threading.current_thread():
-            self._state.done.wait(10.0)
-
-    def __enter__(self) -> "TokenStream":
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-    def text(self) -> str:
-        """Drain the stream and return the whole text."""
-        return "".join(token.text for token in self)
-
-    def json(self) -> Any:
-        """Drain the stream and parse the text as JSON (use with ``json_schema=``).
-
-        Raises :class:`~llamarocm.OutputParseError` (a ``ValueError``) quoting the text
-        when it does not parse, e.g. because ``max_tokens`` cut it short.
-        """
-        text = self.text()
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            hint = " (the output was cut short by max_tokens)" if self.finish_reason == "length" else ""
-            raise OutputParseError(f"the output is not valid JSON{hint}: {exc}; output: {text[:500]!r}") from exc
-
-    @property
-    def error(self) -> Optional[BaseException]:
-        """The error that ended this stream, if any."""
-        return self._state.error
-
-    @property
-    def finish_reason(self) -> Optional[str]:
-        """``"stop"``, ``"length"``, ``"cancelled"``, or ``None`` while running or failed."""
-        return self._state.finish_reason
-
-    @property
-    def metrics(self) -> Optional[GenerateMetrics]:
-        """Figures for the stream, or ``None`` until it has ended."""
-        state = self._state
-        if not state.done.is_set() or state.ended_at is None:
-            return None
-        timings = state.final.get("timings") or {}
-        prompt_n = timings.get("prompt_n")
-        cache_n = timings.get("cache_n") or 0
-        return GenerateMetrics(
-            prompt_tokens=(prompt_n + cache_n) if isinstance(prompt_n, int) else None,
-            generated_tokens=state.generated,
-            time_to_first_token=(state.first_token_at - state.started) if state.first_token_at else None,
-            total_duration=state.ended_at - state.started,
-            prefill_tokens_per_second=timings.get("prompt_per_second"),
-            decode_tokens_per_second=timings.get("predicted_per_second"),
-        )
 
 
 class Model:
@@ -411,7 +74,7 @@ class Model:
         self._crashed: Optional[ServerCrashedError] = None
         self._closed = False
         # Streams whose reader runs; the reader removes its own at its end.
-        self._streams: "set[_StreamState]" = set()
+        self._streams: "set[StreamState]" = set()
         self._owner_pid = os.getpid()
         # Server lives: a restart starts a new one. Calls wait while it is cleared.
         self._epoch = 0
@@ -440,7 +103,7 @@ class Model:
         }
         body.update(cfg.sampling_fields())
         body.update(cfg.extra)
-        return self._open("/completion", body, cfg, _parse_completion_chunk)
+        return self._open(body, cfg)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **config: Any) -> TokenStream:
         """Reply to ``messages`` (``[{"role": ..., "content": ...}]``) with the model's
@@ -451,7 +114,7 @@ class Model:
         tokens carry their ids too (the OpenAI-style chat stream has none), at the cost
         of one extra local round trip of about a millisecond.
         """
-        checked = _check_messages(messages)
+        checked = check_messages(messages)
         cfg = GenerateConfig.from_kwargs(config)
         if self._no_chat_template_reason:
             # llama-server would silently render ChatML, which most models never saw.
@@ -470,7 +133,7 @@ class Model:
         fail_fast: bool = False,
         progress: Optional[Callable[[int, int], None]] = None,
         **config: Any,
-    ) -> List[Any]:
+    ) -> List[BatchResult]:
         """Run many prompts concurrently and return a :class:`~llamarocm.BatchResult`
         per prompt, in input order.
 
@@ -483,9 +146,10 @@ class Model:
         >>> results = model.map(["Hi", "Hello"], max_tokens=8)  # doctest: +SKIP
         >>> [r.text for r in results if r.ok]  # doctest: +SKIP
         """
-        from .batch import run_batch
-
-        return run_batch(self, prompts, max_workers=max_workers, fail_fast=fail_fast, progress=progress, **config)
+        workers = max(1, self.parallel) if max_workers is None else max_workers
+        return run_batch(
+            self.generate, self.chat, prompts, max_workers=workers, fail_fast=fail_fast, progress=progress, **config
+        )
 
     def embed(self, texts: Union[str, Sequence[str]]) -> List[List[float]]:
         """Embedding vectors of ``texts``, one per text, in order.
@@ -525,7 +189,7 @@ class Model:
         client, epoch = self._usable()
         try:
             return fn(client)
-        except ConnectionLost as exc:
+        except ConnectionLostError as exc:
             error = self._failure(epoch, exc)
             self._record_error(error)
             if error is exc:
@@ -535,18 +199,18 @@ class Model:
             self._record_error(exc)
             raise
 
-    def _open(self, path: str, body: Dict[str, Any], cfg: GenerateConfig, parse: _Parser) -> TokenStream:
+    def _open(self, body: Dict[str, Any], cfg: GenerateConfig) -> TokenStream:
+        """Start streaming ``body`` from the native ``/completion`` endpoint."""
         while True:
             client, epoch = self._usable()
             # Built here, not in the reader: a body that cannot be sent raises in the caller.
-            state = _StreamState(client.stream(path, body, cfg.timeout), epoch)
+            state = StreamState(client.stream("/completion", body, cfg.timeout), epoch)
             if self._register(state):
                 break
             # A restart began in between: that client's server is going away.
         try:
             return TokenStream(
                 state,
-                parse,
                 on_lost=self._stream_lost,
                 on_end=self._unregister,
                 on_error=self._record_error,
@@ -565,7 +229,7 @@ class Model:
         parent of a fork, or its server has died (a fresh error each time).
         """
         if os.getpid() != self._owner_pid:
-            raise _fork_error(self._owner_pid)
+            raise fork_error(self._owner_pid)
         while True:
             self._not_restarting.wait()
             with self._lock:
@@ -580,7 +244,7 @@ class Model:
                 raise error
         return client, epoch
 
-    def _failure(self, epoch: int, lost: ConnectionLost) -> BaseException:
+    def _failure(self, epoch: int, lost: ConnectionLostError) -> BaseException:
         """What a connection ``lost`` without an answer means for a call made in
         server life ``epoch`` (see :meth:`_gone`); ``lost`` itself if the server lives."""
         return self._gone(epoch, lost) or lost
@@ -617,7 +281,7 @@ class Model:
         error.__cause__ = cause
         return error
 
-    def _stream_lost(self, state: _StreamState, lost: ConnectionLost) -> BaseException:
+    def _stream_lost(self, state: StreamState, lost: ConnectionLostError) -> BaseException:
         return self._failure(state.epoch, lost)
 
     def _record_error(self, error: BaseException) -> None:
@@ -630,7 +294,7 @@ class Model:
         with self._lock:
             return self._last_error
 
-    def _register(self, state: _StreamState) -> bool:
+    def _register(self, state: StreamState) -> bool:
         """Track a new stream, unless a restart began since its client was chosen.
         Atomic with close() and restart(): a stream is either cancelled by them or
         never started."""
@@ -642,7 +306,7 @@ class Model:
             self._streams.add(state)
             return True
 
-    def _unregister(self, state: _StreamState) -> None:
+    def _unregister(self, state: StreamState) -> None:
         with self._lock:
             self._streams.discard(state)
 
@@ -659,7 +323,7 @@ class Model:
         if self.server is None:
             raise LlamaRocmError("this model is attached to a server it did not start: it cannot restart it")
         if os.getpid() != self._owner_pid:
-            raise _fork_error(self._owner_pid)
+            raise fork_error(self._owner_pid)
         with self._restart_lock:
             with self._lock:
                 if self._closed:
@@ -715,32 +379,10 @@ class Model:
         return f"<Model {getattr(self.info, 'path', '?')} server={self.server!r}>"
 
 
-def _cancel(streams: Sequence[_StreamState], wait: float = 5.0) -> None:
+def _cancel(streams: Sequence[StreamState], wait: float = 5.0) -> None:
     """Cancel ``streams`` and wait (at most ``wait`` s in all) for their readers."""
     for state in streams:
         state.cancel()
     deadline = time.monotonic() + wait
     for state in streams:
         state.done.wait(max(0.0, deadline - time.monotonic()))
-
-
-def _check_messages(messages: Any) -> List[Dict[str, Any]]:
-    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
-    if not messages:
-        raise ValueError("messages must not be empty")
-    checked = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise TypeError(f"messages[{i}] must be a dict, not {type(message).__name__}")
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or not role:
-            raise TypeError(f"messages[{i}]['role'] must be a non-empty str")
-        if not isinstance(content, str):
-            raise TypeError(f"messages[{i}]['content'] must be a str")
-        checked.append(dict(message))
-    try:
-        json.dumps(checked, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"messages must be plain JSON (no NaN, no objects): {exc}") from None
-    return checked

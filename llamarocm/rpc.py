@@ -1,4 +1,6 @@
-"""``RpcWorker``: one ``ggml-rpc-server`` process that lends its devices to llama-server.
+"""Everything about llama.cpp's RPC workers: ``RpcWorker`` (one ``ggml-rpc-server``
+process that lends its devices to llama-server), the probe that a worker is there and
+free before a load, and the check that the server put weights on each worker after it.
 
 llama.cpp's RPC backend lets a ``llama-server`` (started with ``--rpc host:port``) put
 model layers on the devices of another process, on this machine or another. A worker
@@ -12,8 +14,9 @@ other address unless the caller passes ``allow_remote=True``; even then, expose 
 on a private network you control, or keep it on loopback and reach it through an SSH
 tunnel (``ssh -L 50052:127.0.0.1:50052 gpu-box``), never on an open network.
 
-The process side is shared with :class:`~llamarocm.Server` (``_process.ManagedProcess``:
-own process group, parent-death signal, drained output, TERM → KILL → reap) and so is
+The process side is shared with :class:`~llamarocm.Server` (``_process.ProcessOwner``:
+the start loop, own process group, parent-death signal, drained output, TERM → KILL →
+reap) and so is
 binary discovery (``find_binary("rpc")``): the worker must come from the same llama.cpp
 build as the llama-server that connects to it, because the RPC protocol is versioned
 and a mismatch is refused at connect time.
@@ -25,30 +28,36 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 import socket
+import struct
 import time
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from ._binaries import Binary, find_binary, unsupported_cpu_message
-from ._process import ManagedProcess, ProcessOwner
+from ._binaries import find_binary, unsupported_cpu_message
+from ._process import PORT_ATTEMPTS, ManagedProcess, ProcessOwner
 from .config import _check_devices, _check_int, _check_optional, _check_timeout, _shown, check_extra_args
 from .devices import device_environment
 from .errors import ServerStartError
 
-__all__ = ["RpcWorker", "unsupported_cpu_message"]
+__all__ = [
+    "RpcWorker",
+    "PORT_ATTEMPTS",
+    "probe_worker",
+    "rpc_placement",
+    "check_placement",
+    "LOG_VERBOSITY_ARGS",
+    "unsupported_cpu_message",
+]
 
 log = logging.getLogger("llamarocm")
 
-PORT_ATTEMPTS = 3
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_STARTUP_TIMEOUT = 30.0
 # Readiness is re-checked this often while the worker is silent; a check reads two
 # small /proc files and costs microseconds, so a fine interval only trims the wait.
 POLL_INTERVAL = 0.005
-# ggml-rpc-server reports any failure to bind or listen with this one line, and then
-# exits with status 0.
-_BIND_FAILURE_MARKERS = ("failed to create server socket", "address already in use", "failed to bind")
 _TCP_LISTEN = "0A"
 
 # Worker flags RpcWorker sets itself (see RpcWorker._argv). ggml-rpc-server keeps the
@@ -194,14 +203,6 @@ def check_worker_arguments(
     return checked_devices, extra
 
 
-class _PortLost(Exception):
-    """The worker could not bind a port we chose; worth another port."""
-
-    def __init__(self, error: ServerStartError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 class RpcWorker(ProcessOwner):
     """Owns one ``ggml-rpc-server`` process listening on ``host:port``.
 
@@ -217,12 +218,8 @@ class RpcWorker(ProcessOwner):
     keyword argument to use. ``host`` is an IPv4 address or name: the worker resolves
     it with ``gethostbyname``.
 
-    Security: the RPC protocol has **no authentication**: whoever reaches the port can
-    use the worker's memory and compute and send it crafted requests. A host that is
-    not loopback is therefore refused with ``ValueError`` unless ``allow_remote=True``;
-    then a warning is issued, and the worker must only ever be reachable from a private
-    network you trust (or bind it to loopback and use an SSH tunnel). Never expose it to
-    the internet.
+    Security (see the module's note: no authentication): a host that is not loopback is
+    refused with ``ValueError`` unless ``allow_remote=True``, and warned about then.
 
     Ready means the worker process is alive and holds a listening socket on its port
     that accepts connections; a worker that exits first raises ``ServerStartError``
@@ -256,81 +253,48 @@ class RpcWorker(ProcessOwner):
             )
             log.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
-        self.host = host
         self._requested_port = port
-        self.binary: Binary = find_binary("rpc", server_path)
+        binary = find_binary("rpc", server_path)
         self._startup_timeout = float(startup_timeout)
         self._extra = list(extra)
         if threads is not None:
             self._extra = ["--threads", str(threads), *self._extra]
         env = dict(os.environ)
-        env.update(self.binary.env)
+        env.update(binary.env)
         env.update(device_environment(env, devices))
-        # On an abort (a client sent something it cannot handle) ggml attaches gdb to
-        # print a backtrace: a second of delay and enough frames to push the real
-        # error out of the bounded log we quote. A value the user set is kept.
-        env.setdefault("GGML_NO_BACKTRACE", "1")
-        self._env = env
-        self._process: Optional[ManagedProcess] = None
-        self.port = 0
+        super().__init__(binary, env, host)
         self._start()
 
-    # -- lifecycle ---------------------------------------------------------------
+    # -- what the start loop needs -----------------------------------------------
+
+    _kind = "rpc"
+    # ggml-rpc-server reports any failure to bind or listen with one line, and then
+    # exits with status 0.
+    _bind_failure_markers = ("failed to create server socket", "address already in use", "failed to bind")
 
     def _argv(self, port: int) -> List[str]:
         return [self.binary.path, "--host", self.host, "--port", str(port), *self._extra]
 
-    def _start(self) -> None:
-        explicit = self._requested_port != 0
-        attempts = 1 if explicit else PORT_ATTEMPTS
-        lost: Optional[_PortLost] = None
-        for attempt in range(1, attempts + 1):
-            self.port = _check_bindable(self.host, self._requested_port)
-            try:
-                self._process = ManagedProcess(self._argv(self.port), self._env, name="ggml-rpc-server")
-            except OSError as exc:
-                raise ServerStartError(f"could not run {self.binary.path}: {exc}") from exc
-            try:
-                self._wait_ready()
-            except _PortLost as exc:
-                self._process.stop()
-                if explicit:
-                    raise ServerStartError(
-                        f"ggml-rpc-server could not bind {self.address}: the port is in use "
-                        "(taken after it was checked)",
-                        exc.error.stderr_tail,
-                        exc.error.returncode,
-                    ) from None
-                log.warning("port %d was taken before ggml-rpc-server bound it (attempt %d)", self.port, attempt)
-                lost = exc
-                continue
-            except BaseException:  # KeyboardInterrupt included: never leave the child behind
-                self._process.stop()
-                raise
-            log.info("ggml-rpc-server pid %d ready at %s (%s)", self.pid, self.address, self.binary.source)
-            return
-        assert lost is not None
-        raise ServerStartError(
-            f"ggml-rpc-server could not bind a free port on {self.host} in {PORT_ATTEMPTS} attempts",
-            lost.error.stderr_tail,
-            lost.error.returncode,
-        )
+    def _choose_port(self) -> int:
+        return _check_bindable(self.host, self._requested_port)
 
-    def _wait_ready(self) -> None:
-        proc = self._process
-        assert proc is not None
+    def _port_attempts(self) -> int:
+        # An explicit port that is taken is the caller's to fix; one we chose is retried.
+        return 1 if self._requested_port else PORT_ATTEMPTS
+
+    def _wait_ready(self, proc: ManagedProcess) -> None:
         deadline = time.monotonic() + self._startup_timeout
         seen = 0
         while True:
             code = proc.returncode
             if code is not None:
-                raise self._start_failure(code)
+                raise self._exit_error(code, f"before it was listening on {self.address}")
             owned = _listener_owner(proc.pid, self.port)
             # Ownership first, so another program's listener on a taken port is never
             # mistaken for our worker; then one connection proves it accepts clients.
             if owned is not False and _accepts(self.host, self.port):
                 if proc.returncode is not None:
-                    raise self._start_failure(proc.returncode)
+                    raise self._exit_error(proc.returncode, f"before it was listening on {self.address}")
                 return
             if time.monotonic() >= deadline:
                 raise ServerStartError(
@@ -341,34 +305,12 @@ class RpcWorker(ProcessOwner):
             # Wake as soon as the worker prints (it prints its endpoint as it binds).
             seen = proc.wait_output(seen, POLL_INTERVAL)
 
-    def _start_failure(self, code: int) -> Exception:
-        error = self._exit_error(code, "rpc", f"before it was listening on {self.address}")
-        if any(marker in error.stderr_tail.lower() for marker in _BIND_FAILURE_MARKERS):
-            return _PortLost(error)
-        return error
-
-    def close(self) -> None:
-        """Stop the worker (TERM, up to 5 s, KILL, reap). Idempotent, thread-safe.
-
-        >>> worker = RpcWorker()  # doctest: +SKIP
-        >>> worker.close(); worker.close(); worker.alive()  # doctest: +SKIP
-        False
-        """
-        if self._process is not None:
-            self._process.stop()
-
-
-
     # -- state -------------------------------------------------------------------
 
     @property
     def address(self) -> str:
         """``"host:port"``, the form llama-server's ``--rpc`` takes."""
         return f"{self.host}:{self.port}"
-
-
-
-
 
     def output_tail(self, lines: int = 40) -> str:
         """The last lines the worker printed (it logs each client it accepts).
@@ -385,3 +327,132 @@ class RpcWorker(ProcessOwner):
         pid = self._process.pid if self._process is not None else None
         state = "alive" if self.alive() else f"exited {self.returncode}"
         return f"<RpcWorker {self.address} pid={pid} {state}>"
+
+
+# -- before a load: is each worker there, and free? ---------------------------------
+
+#: How long the probe waits for a worker to accept and to answer.
+RPC_PROBE_TIMEOUT = 2.0
+
+# The RPC protocol's first message: HELLO (command 14) with its 24 bytes of
+# connection capabilities, all zero.
+_RPC_HELLO = bytes([14]) + (24).to_bytes(8, "little") + bytes(24)
+
+
+def probe_worker(address: str) -> None:
+    """Raise unless the worker at ``address`` answers now.
+
+    llama-server aborts (SIGABRT, deep in argument parsing) when a worker does not
+    accept the connection, so ask first and say which one. A worker serves one client
+    at a time and leaves the others queued, unanswered: a worker busy with another
+    llama-server accepts the TCP connection but never answers our HELLO, and the new
+    server would wait on it forever. A close without an answer is a tunnel to a worker
+    that is down, or a worker of another protocol version: llama-server would fail too.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=RPC_PROBE_TIMEOUT)
+    except socket.timeout:
+        raise ServerStartError(
+            f"RPC worker {address} did not accept a connection within {RPC_PROBE_TIMEOUT} s: it is unreachable, "
+            "or busy serving another llama-server (a worker serves one at a time)"
+        ) from None
+    except OSError as exc:
+        raise ServerStartError(f"RPC worker {address} is unreachable: {exc}") from exc
+    with sock:
+        # Closed with a reset on every path: should the worker answer later (we gave
+        # up, or were interrupted), it must find the connection gone, not write into a
+        # closed socket, which kills it with SIGPIPE.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        try:
+            sock.sendall(_RPC_HELLO)
+            # The whole answer: a little-endian size, then a body of a few bytes (the
+            # protocol version and capabilities).
+            size = _recv_exactly(sock, 8)
+            length = int.from_bytes(size, "little") if size is not None else 0
+            body = _recv_exactly(sock, length) if 3 <= length <= 4096 else None
+        except ConnectionError:
+            size = body = None
+        except socket.timeout:
+            raise ServerStartError(
+                f"RPC worker {address} accepts connections but did not answer within {RPC_PROBE_TIMEOUT} s: "
+                "it is serving another llama-server (a worker serves one at a time), or it is hung"
+            ) from None
+        except OSError as exc:
+            raise ServerStartError(f"RPC worker {address} failed during the handshake: {exc}") from exc
+    if size is None:
+        raise ServerStartError(
+            f"RPC worker {address} closed the connection without answering: an SSH tunnel whose worker "
+            "is down, or a ggml-rpc-server from another llama.cpp build (the protocol must match)"
+        )
+    if body is None:
+        raise ServerStartError(f"{address} answered, but not as a ggml-rpc-server of this protocol")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> Optional[bytes]:
+    """``n`` bytes from ``sock``, or ``None`` if it closes first."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+# -- after a load: did the server put weights on each worker? -----------------------
+#
+# Reachable workers are not enough: llama-server decides the split itself (``-ngl``,
+# ``--tensor-split``, each device's free memory), and a worker it gives nothing to costs
+# a connection and helps no one. The server says what it placed where only in its load
+# log, one line per device, and only at log verbosity 4::
+#
+#     load_tensors: RPC0[127.0.0.1:50052] model buffer size =   199.34 MiB
+#
+# so a server with workers is started with ``-lv 4`` (a couple of hundred lines at load,
+# about twenty a request after that) and the lines are read once it is ready.
+
+#: Server arguments that make it log each device's model buffer.
+LOG_VERBOSITY_ARGS = ["-lv", "4"]
+
+_BUFFER_LINE = re.compile(r"load_tensors:\s+RPC\d*\[(?P<address>[^\]]+)\] model buffer size =\s*(?P<mib>[0-9.]+) MiB")
+
+
+def rpc_placement(log_text: str) -> Dict[str, float]:
+    """MiB of model weights on each RPC worker, by the address the server was given.
+
+    >>> rpc_placement("load_tensors: RPC0[127.0.0.1:50052] model buffer size =   199.34 MiB")
+    {'127.0.0.1:50052': 199.34}
+    """
+    placement: Dict[str, float] = {}
+    for match in _BUFFER_LINE.finditer(log_text):
+        address = match.group("address")
+        placement[address] = placement.get(address, 0.0) + float(match.group("mib"))
+    return placement
+
+
+def check_placement(addresses: Sequence[str], placement: Dict[str, float], log_tail: str) -> None:
+    """Raise :class:`ServerStartError` naming every worker that holds no weights.
+
+    An empty ``placement`` means the log said nothing about devices at all (its
+    verbosity lowered in ``extra_args``, or another build's wording): that cannot be
+    checked, which is logged, not raised.
+    """
+    if not placement:
+        log.warning(
+            "could not verify that llama-server placed layers on the RPC workers: its log has no "
+            "'model buffer size' lines (is -lv lowered in extra_args?)"
+        )
+        return
+    unused = [address for address in addresses if placement.get(address, 0.0) <= 0.0]
+    if unused:
+        raise ServerStartError(
+            f"llama-server placed no model layers on RPC worker{'s' if len(unused) > 1 else ''} "
+            f"{', '.join(unused)} (placed: {_describe(placement)}); check gpu_layers and any "
+            "--tensor-split in extra_args, or use fewer workers for a model this small",
+            log_tail,
+        )
+
+
+def _describe(placement: Dict[str, float]) -> str:
+    return ", ".join(f"{address} {mib:.1f} MiB" for address, mib in placement.items()) or "nothing"

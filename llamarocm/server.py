@@ -12,22 +12,20 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ._binaries import Binary, find_binary
-from ._process import ManagedProcess, ProcessOwner
-from .client import Client, ConnectionLost
+from ._binaries import find_binary
+from ._process import PORT_ATTEMPTS, ManagedProcess, ProcessOwner
+from .client import Client
 from .config import _check_timeout
 from .devices import device_environment
 from .errors import ClosedError, GGUFError, ModelNotFoundError, RequestError, ServerStartError
 
-__all__ = ["Server"]
+__all__ = ["Server", "PORT_ATTEMPTS"]
 
 log = logging.getLogger("llamarocm")
 
-PORT_ATTEMPTS = 3
 HOST = "127.0.0.1"
 #: Lines of the server's log kept: room for a verbose (-lv 4) load report.
 LOG_LINES = 1000
@@ -42,7 +40,6 @@ READY_MARKERS = ("model loaded", "listening on", "all slots are idle")
 FALLBACK_PROBE_INTERVAL = 0.05
 # How often load progress (/proc/<pid>/io and statm) is sampled.
 PROGRESS_INTERVAL = 0.25
-_BIND_FAILURE_MARKERS = ("couldn't bind", "address already in use", "failed to bind")
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -121,7 +118,7 @@ class Server(ProcessOwner):
         self.model_path = os.path.abspath(os.fspath(model_path))
         _check_model_file(self.model_path)
         _check_timeout("startup_timeout", startup_timeout)
-        self.binary: Binary = find_binary("server", server_path)
+        binary = find_binary("server", server_path)
         self._args = list(args)
         self._startup_timeout = startup_timeout
         self._progress = progress
@@ -131,78 +128,47 @@ class Server(ProcessOwner):
         self._on_ready = on_ready
         self.api_key = secrets.token_urlsafe(32)
         base_env = dict(os.environ if env is None else env)
-        base_env.update(self.binary.env)
+        base_env.update(binary.env)
         base_env.update(device_environment(base_env, devices))
         base_env["LLAMA_API_KEY"] = self.api_key
-        # On an abort ggml attaches gdb for a backtrace: a second's delay and a log tail
-        # full of stack frames instead of the error.
-        base_env.setdefault("GGML_NO_BACKTRACE", "1")
-        self._env = base_env
-        self._process: Optional[ManagedProcess] = None
-        self.port = 0
+        super().__init__(binary, base_env, HOST)
         self.url = ""
         self.client: Optional[Client] = None
         self.props: Dict[str, Any] = {}
-        # Guards _closed and every new process: close() either stops a process or
-        # keeps it from being spawned, whatever a restart in another thread is doing.
-        self._lifecycle = threading.Lock()
-        self._closed = False
         self._start()
 
-    # -- lifecycle ---------------------------------------------------------------
+    # -- what the start loop needs -----------------------------------------------
+
+    _kind = "server"
+    _bind_failure_markers = ("couldn't bind", "address already in use", "failed to bind")
+    _max_lines = LOG_LINES
 
     def _argv(self, port: int) -> List[str]:
         return [self.binary.path, "--host", HOST, "--port", str(port), "-m", self.model_path, *self._args]
 
-    def _start(self) -> None:
+    def _choose_port(self) -> int:
+        return _free_port()
+
+    def _redact(self) -> List[str]:
+        return [self.api_key]
+
+    def _before_spawn(self) -> None:
         if self._before_start is not None:
             self._before_start()
-        last_error: Optional[ServerStartError] = None
-        for attempt in range(1, PORT_ATTEMPTS + 1):
-            port = _free_port()
-            with self._lifecycle:
-                if self._closed:
-                    raise ClosedError("this server was closed")
-                self.port = port
-                self.url = f"http://{HOST}:{port}"
-                try:
-                    self._process = ManagedProcess(
-                        self._argv(port), self._env, name="llama-server", max_lines=LOG_LINES, redact=[self.api_key]
-                    )
-                except OSError as exc:
-                    raise ServerStartError(f"could not run {self.binary.path}: {exc}") from exc
-                self.client = Client(self.url, self.api_key)
-            try:
-                self._wait_ready()
-                if self._on_ready is not None:
-                    self._on_ready(self)
-                if self._closed:  # close() stopped it meanwhile
-                    raise ClosedError("this server was closed while it started")
-                if self._progress is not None:
-                    self._progress(1.0, "ready")
-                log.info("llama-server pid %d ready at %s (%s)", self.pid, self.url, self.binary.source)
-                return
-            except ServerStartError as exc:
-                self._teardown()
-                if self._closed:
-                    raise ClosedError("this server was closed while it started") from exc
-                if not getattr(exc, "port_in_use", False):
-                    raise
-                log.warning("port %d was taken before llama-server bound it (attempt %d)", self.port, attempt)
-                last_error = exc
-            except BaseException:  # KeyboardInterrupt included: never leave the child behind
-                self._teardown()
-                raise
-        assert last_error is not None
-        raise ServerStartError(
-            f"llama-server could not bind a free port in {PORT_ATTEMPTS} attempts",
-            last_error.stderr_tail,
-            last_error.returncode,
-        )
 
-    def _wait_ready(self) -> None:
-        proc, client = self._process, self.client
-        assert proc is not None and client is not None
+    def _spawned(self, port: int) -> None:
+        self.url = f"http://{HOST}:{port}"
+        self.client = Client(self.url, self.api_key)
+
+    def _after_ready(self) -> None:
+        if self._on_ready is not None:
+            self._on_ready(self)
+        if self._progress is not None:
+            self._progress(1.0, "ready")
+
+    def _wait_ready(self, proc: ManagedProcess) -> None:
+        client = self.client
+        assert client is not None
         file_size = max(os.path.getsize(self.model_path), 1) if os.path.exists(self.model_path) else 1
         base_read, _ = _read_progress(proc.pid)
         start = time.monotonic()
@@ -215,7 +181,7 @@ class Server(ProcessOwner):
         while True:
             code = proc.returncode
             if code is not None:
-                raise self._start_failure(code)
+                raise self._exit_error(code, "before it was ready")
             now = time.monotonic()
             lines, seen = proc.lines_since(seen)
             logged_ready = any(marker in line for line in lines for marker in READY_MARKERS)
@@ -251,21 +217,15 @@ class Server(ProcessOwner):
             served = self.props.get("model_path")
             if served and os.path.abspath(served) != self.model_path:
                 raise RequestError(f"it serves {served}")
-        except (ConnectionLost, RequestError) as exc:
+        except RequestError as exc:  # a lost connection included
             if proc.returncode is not None:
-                raise self._start_failure(proc.returncode) from exc
+                raise self._exit_error(proc.returncode, "before it was ready") from exc
             raise ServerStartError(f"a server on port {self.port} answered /health but is not ours: {exc}") from exc
-
-    def _start_failure(self, code: int) -> ServerStartError:
-        error = self._exit_error(code, "server", "before it was ready")
-        error.port_in_use = any(marker in error.stderr_tail.lower() for marker in _BIND_FAILURE_MARKERS)  # type: ignore[attr-defined]
-        return error
 
     def _teardown(self) -> None:
         if self.client is not None:
             self.client.close()
-        if self._process is not None:
-            self._process.stop()
+        super()._teardown()
 
     def restart(self) -> None:
         """Stop the process and start a fresh one (new port, new API key).
@@ -279,15 +239,6 @@ class Server(ProcessOwner):
         self.api_key = secrets.token_urlsafe(32)
         self._env["LLAMA_API_KEY"] = self.api_key
         self._start()
-
-    def close(self) -> None:
-        """Stop the server (TERM, up to 5 s, KILL, reap). Idempotent, thread-safe.
-
-        Once it returns no process of this server runs, and none will be started.
-        """
-        with self._lifecycle:
-            self._closed = True
-        self._teardown()
 
     def stderr_tail(self, lines: int = 40) -> str:
         """The last lines the server logged: the API key redacted, lines of request or

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 import threading
@@ -14,7 +13,8 @@ import requests
 import responses
 
 import llamarocm
-from llamarocm.client import Client, ConnectionLost
+from llamarocm.client import Client
+from llamarocm.errors import ConnectionLostError
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -26,13 +26,6 @@ def client():
     c = Client(URL, api_key="sekret")
     yield c
     c.close()
-
-
-def _sse(*objs, done=False) -> bytes:
-    parts = [f"data: {json.dumps(o)}\n\n" for o in objs]
-    if done:
-        parts.append("data: [DONE]\n\n")
-    return "".join(parts).encode()
 
 
 @responses.activate
@@ -88,7 +81,7 @@ def test_non_json_error_body_is_quoted(client):
 @responses.activate
 def test_connection_reset_is_connection_lost(client):
     responses.get(URL + "/props", body=requests.ConnectionError("Connection reset by peer"))
-    with pytest.raises(ConnectionLost, match="reset"):
+    with pytest.raises(ConnectionLostError, match="reset"):
         client.props()
 
 
@@ -149,7 +142,7 @@ def test_an_error_body_cut_short_is_connection_lost(error_head_server):
     client = Client(error_head_server["url"])
     stream = client.stream("/completion", {"prompt": "x"}, idle_timeout=5.0)
     try:
-        with pytest.raises(ConnectionLost, match="connection lost"):
+        with pytest.raises(ConnectionLostError, match="connection lost"):
             stream.open()
     finally:
         stream.close()

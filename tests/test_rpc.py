@@ -17,8 +17,7 @@ import pytest
 from conftest import wait_pid_gone, write_script
 
 import llamarocm
-from llamarocm import backend
-from llamarocm._rpc_placement import check_placement, rpc_placement
+from llamarocm import rpc
 from llamarocm.devices import device_environment
 from llamarocm.rpc import PORT_ATTEMPTS, RpcWorker, _is_loopback, _listener_owner
 
@@ -114,21 +113,21 @@ LOAD_LOG = """\
 
 def test_placement_is_read_from_the_load_report():
     # Weights only: KV cache and compute buffers are not layers.
-    assert rpc_placement(LOAD_LOG) == {"127.0.0.1:34673": 199.34, "127.0.0.1:43149": 35.82}
-    assert rpc_placement("llama_server: model loaded") == {}
+    assert rpc.rpc_placement(LOAD_LOG) == {"127.0.0.1:34673": 199.34, "127.0.0.1:43149": 35.82}
+    assert rpc.rpc_placement("llama_server: model loaded") == {}
 
 
 def test_a_worker_without_weights_is_named():
-    placement = rpc_placement(LOAD_LOG)
-    check_placement(["127.0.0.1:34673", "127.0.0.1:43149"], placement, "")
+    placement = rpc.rpc_placement(LOAD_LOG)
+    rpc.check_placement(["127.0.0.1:34673", "127.0.0.1:43149"], placement, "")
     with pytest.raises(llamarocm.ServerStartError, match=r"no model layers on RPC worker 127\.0\.0\.1:9 ") as info:
-        check_placement(["127.0.0.1:34673", "127.0.0.1:9"], placement, "the log")
+        rpc.check_placement(["127.0.0.1:34673", "127.0.0.1:9"], placement, "the log")
     assert "127.0.0.1:34673 199.3 MiB" in str(info.value) and info.value.stderr_tail == "the log"
 
 
 def test_a_silent_load_report_is_a_warning_not_an_error(caplog):
     with caplog.at_level("WARNING", logger="llamarocm"):
-        check_placement(["127.0.0.1:34673"], {}, "")
+        rpc.check_placement(["127.0.0.1:34673"], {}, "")
     assert "could not verify" in caplog.text
 
 
@@ -146,7 +145,7 @@ def _probe_one_connection(handle) -> str:
         server = threading.Thread(target=serve)
         server.start()
         with pytest.raises(llamarocm.ServerStartError) as info:
-            backend._probe_rpc_worker(f"127.0.0.1:{listener.getsockname()[1]}")
+            rpc.probe_worker(f"127.0.0.1:{listener.getsockname()[1]}")
         server.join(5)
         assert not server.is_alive()
     return str(info.value)
@@ -175,11 +174,11 @@ def test_a_web_server_on_the_port_is_not_a_worker():
 
 
 def test_a_listener_that_never_answers_is_named_busy(monkeypatch):
-    monkeypatch.setattr(backend, "RPC_PROBE_TIMEOUT", 0.2)
+    monkeypatch.setattr(rpc, "RPC_PROBE_TIMEOUT", 0.2)
     with _listening_socket() as listener:  # never accepts: the connection waits in the queue
         address = f"127.0.0.1:{listener.getsockname()[1]}"
         with pytest.raises(llamarocm.ServerStartError, match="serving another llama-server"):
-            backend._probe_rpc_worker(address)
+            rpc.probe_worker(address)
 
 
 # -- arguments and security ---------------------------------------------------------

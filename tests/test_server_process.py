@@ -76,7 +76,7 @@ def test_port_taken_is_retried_with_a_new_port(fake_server, model_file, monkeypa
 def test_port_retries_are_bounded(fake_server, model_file, monkeypatch, tmp_path):
     monkeypatch.setenv("FAKE_COUNTER", str(tmp_path / "launches"))
     monkeypatch.setenv("FAKE_BIND_FAILURES", "99")
-    with pytest.raises(llamarocm.ServerStartError, match=f"free port in {PORT_ATTEMPTS} attempts"):
+    with pytest.raises(llamarocm.ServerStartError, match=f"free port on 127.0.0.1 in {PORT_ATTEMPTS} attempts"):
         Server(model_file, server_path=fake_server)
     assert (tmp_path / "launches").read_text() == "x" * PORT_ATTEMPTS
 

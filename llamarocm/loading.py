@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import struct
 from typing import Any, Dict, Optional, Sequence, Union
 
-from ._rpc_placement import LOG_VERBOSITY_ARGS, check_placement, rpc_placement
 from .chat_templates import template_args
 from .client import Client
 from .config import LoadConfig
 from .devices import check_fits, list_devices
-from .errors import DeviceError, GGUFError, ModelNotFoundError, RequestError, ServerStartError
+from .errors import DeviceError, GGUFError, ModelNotFoundError, RequestError
 from .gguf import ModelInfo, read_metadata
 from .model import Model
+from .rpc import LOG_VERBOSITY_ARGS, check_placement, probe_worker, rpc_placement
 from .server import LOG_LINES, ProgressCallback, Server
 
 __all__ = ["load_model", "connect", "DEFAULT_CONTEXT_CAP"]
-
-RPC_PROBE_TIMEOUT = 2.0
 
 #: llama-server's ``--pooling`` choices.
 POOLING_TYPES = ("none", "mean", "cls", "last", "rank")
@@ -128,7 +124,7 @@ def load_model(
     def probe_workers() -> None:
         placement.clear()  # what a stopped server had placed is no longer anywhere
         for address in cfg.rpc:
-            _probe_rpc_worker(address)
+            probe_worker(address)
 
     def check_workers(server: Server) -> None:
         found = rpc_placement(server.stderr_tail(LOG_LINES))
@@ -218,72 +214,6 @@ def _check_memory(metadata: Any, total_context: int, devices: Optional[Sequence[
     if strict and not list_devices():
         raise DeviceError("strict=True but no AMD GPU was found (sysfs lists none)")
     check_fits(required, devices, env=os.environ, strict=strict)
-
-
-# The RPC protocol's first message: HELLO (command 14) with its 24 bytes of
-# connection capabilities, all zero.
-_RPC_HELLO = bytes([14]) + (24).to_bytes(8, "little") + bytes(24)
-
-
-def _probe_rpc_worker(address: str) -> None:
-    """Raise unless the worker at ``address`` answers now.
-
-    llama-server aborts (SIGABRT, deep in argument parsing) when a worker does not
-    accept the connection, so ask first and say which one. A worker serves one client
-    at a time and leaves the others queued, unanswered: a worker busy with another
-    llama-server accepts the TCP connection but never answers our HELLO, and the new
-    server would wait on it forever. A close without an answer is a tunnel to a worker
-    that is down, or a worker of another protocol version: llama-server would fail too.
-    """
-    host, _, port = address.rpartition(":")
-    try:
-        sock = socket.create_connection((host, int(port)), timeout=RPC_PROBE_TIMEOUT)
-    except socket.timeout:
-        raise ServerStartError(
-            f"RPC worker {address} did not accept a connection within {RPC_PROBE_TIMEOUT} s: it is unreachable, "
-            "or busy serving another llama-server (a worker serves one at a time)"
-        ) from None
-    except OSError as exc:
-        raise ServerStartError(f"RPC worker {address} is unreachable: {exc}") from exc
-    with sock:
-        # Closed with a reset on every path: should the worker answer later (we gave
-        # up, or were interrupted), it must find the connection gone, not write into a
-        # closed socket, which kills it with SIGPIPE.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        try:
-            sock.sendall(_RPC_HELLO)
-            # The whole answer: a little-endian size, then a body of a few bytes (the
-            # protocol version and capabilities).
-            size = _recv_exactly(sock, 8)
-            length = int.from_bytes(size, "little") if size is not None else 0
-            body = _recv_exactly(sock, length) if 3 <= length <= 4096 else None
-        except ConnectionError:
-            size = body = None
-        except socket.timeout:
-            raise ServerStartError(
-                f"RPC worker {address} accepts connections but did not answer within {RPC_PROBE_TIMEOUT} s: "
-                "it is serving another llama-server (a worker serves one at a time), or it is hung"
-            ) from None
-        except OSError as exc:
-            raise ServerStartError(f"RPC worker {address} failed during the handshake: {exc}") from exc
-    if size is None:
-        raise ServerStartError(
-            f"RPC worker {address} closed the connection without answering: an SSH tunnel whose worker "
-            "is down, or a ggml-rpc-server from another llama.cpp build (the protocol must match)"
-        )
-    if body is None:
-        raise ServerStartError(f"{address} answered, but not as a ggml-rpc-server of this protocol")
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> Optional[bytes]:
-    """``n`` bytes from ``sock``, or ``None`` if it closes first."""
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
 
 
 def connect(url: str, api_key: Optional[str] = None) -> Model:

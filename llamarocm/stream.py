@@ -1,0 +1,347 @@
+"""Streams of tokens: ``TokenStream``, ``Token``, ``GenerateMetrics``, and the reader
+thread behind each stream.
+
+Each stream has one reader thread that reads the server's events and puts lists of
+tokens (one list per network read, so a burst costs one queue hand-off) on a queue;
+the consuming iterator takes them off and re-raises the reader's error at the end, in
+the manner of ``concurrent.futures``. The reader always ends with a sentinel, so the
+consumer simply blocks. The reader thread never holds the ``TokenStream`` itself, so
+dropping a stream lets it be collected, which cancels the request.
+
+A stream knows nothing of models or servers: whoever opens it hands over what it needs
+(what a lost connection means, what to do when the reader ends, where errors are
+recorded), as a channel receives only the callables it uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+from ._sse import ServerSentEvent
+from .client import EventStream
+from .errors import ConnectionLostError, LlamaRocmError, OutputParseError, RequestError, error_from_payload
+
+__all__ = ["TokenStream", "Token", "TopLogprob", "GenerateMetrics", "StreamState", "fork_error"]
+
+_END = object()
+
+
+def fork_error(owner_pid: int) -> LlamaRocmError:
+    """The error every use of a model or stream raises in a forked child."""
+    # After os.fork() the child shares the parent's server, sockets and key; using
+    # them from two processes would interleave requests on one connection.
+    return LlamaRocmError(
+        f"this model belongs to process {owner_pid}; after fork, load a new model in the child"
+    )
+
+
+class TopLogprob(NamedTuple):
+    """One of the most likely alternatives at a position (``logprobs=N``)."""
+
+    text: str
+    id: int
+    logprob: float
+
+
+class Token(NamedTuple):
+    """One generated token: its text, id and, with ``logprobs=N``, its log-probability
+    and the ``N`` most likely alternatives.
+
+    ``id`` is ``None`` only when the server leaves the ids out (llama-server's
+    native stream always carries them). A token that ends inside a multi-byte
+    character has empty ``text``; the character arrives whole with the next token.
+    """
+
+    text: str
+    id: Optional[int] = None
+    logprob: Optional[float] = None
+    top_logprobs: Optional[Tuple[TopLogprob, ...]] = None
+
+
+@dataclass(frozen=True)
+class GenerateMetrics:
+    """Figures for one finished stream.
+
+    ``prompt_tokens`` counts cached plus newly evaluated prompt tokens;
+    ``generated_tokens`` the tokens the stream yielded. Durations are seconds,
+    measured by the client from the call; rates are the server's own timings.
+    """
+
+    prompt_tokens: Optional[int]
+    generated_tokens: int
+    time_to_first_token: Optional[float]
+    total_duration: float
+    prefill_tokens_per_second: Optional[float]
+    decode_tokens_per_second: Optional[float]
+
+
+class StreamState:
+    """Everything the reader thread and the consumer share (never the stream itself)."""
+
+    def __init__(self, events: EventStream, epoch: int = 0) -> None:
+        # SimpleQueue: implemented in C, a cheaper hand-off than Queue for every batch.
+        self.queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        # Known before the request is sent, so a cancel during the prompt's evaluation
+        # (or while queued for a slot) shuts the socket down at once.
+        self.events = events
+        self.error: Optional[BaseException] = None
+        self.finish_reason: Optional[str] = None
+        self.final: Dict[str, Any] = {}
+        self.started = time.monotonic()
+        self.first_token_at: Optional[float] = None
+        self.ended_at: Optional[float] = None
+        self.generated = 0
+        self.done = threading.Event()
+        # Which server life the request went to (a model's restarts count them): a
+        # connection lost to an earlier life is no crash of the current one.
+        self.epoch = epoch
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.events.cancelled
+
+    def cancel(self) -> None:
+        self.events.cancel()
+
+
+def _add_tokens(obj: Mapping[str, Any], out: List[Token]) -> None:
+    """The tokens of one event of the native ``/completion`` stream: text, token ids,
+    log-probabilities."""
+    content = obj.get("content") or ""
+    ids = obj.get("tokens") or []
+    probs = obj.get("completion_probabilities")
+    if probs and len(probs) == len(ids):
+        # With logprobs, build full tokens; the text stays on the last, as below.
+        last = len(ids) - 1
+        for i, (token_id, p) in enumerate(zip(ids, probs)):
+            tops = tuple(
+                TopLogprob(t.get("token", ""), t.get("id"), t.get("logprob")) for t in p.get("top_logprobs") or ()
+            )
+            out.append(Token(content if i == last else "", token_id, p.get("logprob"), tops))
+    elif len(ids) > 1:
+        # Several tokens in one event (e.g. a held-back partial stop string): yield
+        # each id so counts match the server's, the text on the last.
+        out.extend(Token("", i) for i in ids[:-1])
+        out.append(Token(content, ids[-1]))
+    elif ids:
+        out.append(Token(content, ids[0]))
+    elif content:
+        out.append(Token(content, None))
+
+
+def _read_event(event: ServerSentEvent, out: List[Token], state: StreamState) -> None:
+    """Decode one event into ``out``; the final one records how the stream ended."""
+    if event.event == "error":
+        raise error_from_payload(event.data, None)
+    try:
+        obj = json.loads(event.data)
+    except ValueError as exc:
+        raise RequestError(f"llama-server sent malformed JSON: {event.data[:200]!r}") from exc
+    if not isinstance(obj, dict):
+        raise RequestError(f"llama-server sent an event that is not an object: {event.data[:200]!r}")
+    if "error" in obj:
+        raise error_from_payload(event.data, None)
+    _add_tokens(obj, out)
+    if obj.get("stop"):
+        state.final = obj
+        state.finish_reason = "length" if obj.get("stop_type") == "limit" else "stop"
+
+
+def _hand_over(batch: Sequence[ServerSentEvent], state: StreamState) -> None:
+    """Decode one network read's events and queue their tokens, all at once."""
+    tokens: List[Token] = []
+    try:
+        for event in batch:
+            _read_event(event, tokens, state)
+    finally:
+        # Tokens that arrived before an error in the same read are still the
+        # consumer's: hand them over first.
+        if tokens:
+            if state.first_token_at is None:
+                state.first_token_at = time.monotonic()
+            state.generated += len(tokens)
+            state.queue.put(tokens)
+
+
+LostHandler = Callable[[StreamState, ConnectionLostError], BaseException]
+
+
+def read_stream(state: StreamState, on_lost: LostHandler, on_end: Callable[[StreamState], None]) -> None:
+    """The reader thread: request, decode, hand tokens over; always ends with _END.
+
+    ``on_lost`` says what a connection lost without an answer means (a crash, a
+    close, a restart); an answer of the server, even an error, is taken as it is,
+    at once. ``on_end`` runs last, after the consumer has its sentinel.
+    """
+    events = state.events
+    try:
+        events.open()
+        for batch in events:
+            _hand_over(batch, state)
+        if state.finish_reason is None:  # a close() after the final event changes nothing
+            if state.cancel_requested:
+                state.finish_reason = "cancelled"
+            else:
+                raise ConnectionLostError("llama-server ended the stream without finishing it")
+    except BaseException as exc:  # handed to the consumer, never printed by the thread
+        if state.cancel_requested and isinstance(exc, RequestError) and exc.status is None:
+            state.finish_reason = state.finish_reason or "cancelled"
+        elif isinstance(exc, ConnectionLostError):
+            state.error = on_lost(state, exc)
+        else:
+            state.error = exc
+    finally:
+        events.close()
+        state.ended_at = time.monotonic()
+        state.done.set()
+        state.queue.put(_END)
+        on_end(state)
+
+
+class TokenStream:
+    """An iterator of :class:`Token` as the server produces them.
+
+    Use it as a context manager or call :meth:`close` to cancel early; breaking out
+    of a loop over a temporary stream, or dropping the last reference, cancels too.
+    A failure raises from iteration and is kept in :attr:`error`.
+
+    >>> with model.generate("Hello", max_tokens=8) as stream:  # doctest: +SKIP
+    ...     for token in stream:
+    ...         print(token.text, end="")
+    """
+
+    def __init__(
+        self,
+        state: StreamState,
+        *,
+        on_lost: LostHandler,
+        on_end: Callable[[StreamState], None],
+        on_error: Callable[[BaseException], None],
+        owner_pid: int,
+    ) -> None:
+        # Made by Model, which hands over only what a stream needs: what a lost
+        # connection means, what to do when the reader ends, where errors are recorded.
+        self._state = state
+        self._on_error = on_error
+        self._owner_pid = owner_pid
+        self._buffer: List[Token] = []
+        self._index = 0
+        self._finished = False
+        self._thread = threading.Thread(
+            target=read_stream,
+            args=(state, on_lost, on_end),
+            name="llamarocm-stream",
+            daemon=True,
+        )
+        # Cancel on collection; the callback holds only the shared state.
+        self._finalizer = weakref.finalize(self, state.cancel)
+        self._thread.start()
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> Token:
+        if os.getpid() != self._owner_pid:
+            # A forked child has the queue but no reader: it would end silently.
+            raise fork_error(self._owner_pid)
+        if self._index < len(self._buffer):
+            token = self._buffer[self._index]
+            self._index += 1
+            return token
+        if self._finished:
+            raise StopIteration
+        try:
+            # Blocks without a timeout: the reader always ends with _END, and a real
+            # SIGINT still interrupts the wait.
+            item = self._state.queue.get()
+        except BaseException:
+            # Ctrl-C (or any error) in the consumer: the server must stop working for us.
+            self.close()
+            raise
+        if item is _END:
+            self._finish()
+            raise StopIteration
+        self._buffer = item
+        self._index = 1
+        return item[0]
+
+    def _finish(self) -> None:
+        self._finished = True
+        self._finalizer.detach()
+        error = self._state.error
+        if error is not None:
+            self._on_error(error)
+            raise error
+
+    def close(self) -> None:
+        """Cancel the request (the server frees the slot) and wait for the reader.
+
+        Idempotent; callable from any thread, and from a signal handler: it takes no
+        lock that the interrupted code could hold. Tokens already received are dropped.
+        """
+        if os.getpid() != self._owner_pid:
+            return  # a forked child has no reader thread, and must not cut the parent's stream
+        self._state.cancel()
+        self._finalizer.detach()
+        if self._thread is not threading.current_thread():
+            self._state.done.wait(10.0)
+
+    def __enter__(self) -> "TokenStream":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def text(self) -> str:
+        """Drain the stream and return the whole text."""
+        return "".join(token.text for token in self)
+
+    def json(self) -> Any:
+        """Drain the stream and parse the text as JSON (use with ``json_schema=``).
+
+        Raises :class:`~llamarocm.OutputParseError` (a ``ValueError``) quoting the text
+        when it does not parse, e.g. because ``max_tokens`` cut it short.
+        """
+        text = self.text()
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            hint = " (the output was cut short by max_tokens)" if self.finish_reason == "length" else ""
+            raise OutputParseError(f"the output is not valid JSON{hint}: {exc}; output: {text[:500]!r}") from exc
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """The error that ended this stream, if any."""
+        return self._state.error
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        """``"stop"``, ``"length"``, ``"cancelled"``, or ``None`` while running or failed."""
+        return self._state.finish_reason
+
+    @property
+    def metrics(self) -> Optional[GenerateMetrics]:
+        """Figures for the stream, or ``None`` until it has ended."""
+        state = self._state
+        if not state.done.is_set() or state.ended_at is None:
+            return None
+        timings = state.final.get("timings") or {}
+        prompt_n = timings.get("prompt_n")
+        cache_n = timings.get("cache_n") or 0
+        return GenerateMetrics(
+            prompt_tokens=(prompt_n + cache_n) if isinstance(prompt_n, int) else None,
+            generated_tokens=state.generated,
+            time_to_first_token=(state.first_token_at - state.started) if state.first_token_at else None,
+            total_duration=state.ended_at - state.started,
+            prefill_tokens_per_second=timings.get("prompt_per_second"),
+            decode_tokens_per_second=timings.get("predicted_per_second"),
+        )
+
+
