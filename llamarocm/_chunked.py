@@ -11,6 +11,10 @@ from __future__ import annotations
 __all__ = ["Dechunker"]
 
 _DATA_END = -2  # the CRLF that closes a chunk's data is next
+# Longest chunk-size line accepted (size plus extensions, without its CRLF). llama-server
+# sends bare sizes; the cap keeps junk from growing the buffer without end.
+_MAX_LINE = 1024
+_CR = 0x0D
 
 
 class Dechunker:
@@ -29,7 +33,8 @@ class Dechunker:
         self.done = False
 
     def feed(self, data: bytes) -> bytes:
-        """Decode ``data``; raises ``ValueError`` on a malformed chunk-size line."""
+        """Decode ``data``; raises ``ValueError`` on malformed framing (a bad or over-long
+        chunk-size line, chunk data not followed by CRLF), however the body was split."""
         if self.done:
             return b""  # trailers after the last chunk carry nothing we use
         buf = self._buf + data if self._buf else data
@@ -53,10 +58,15 @@ class Dechunker:
                 pos, left = pos + 2, 0
             else:
                 eol = buf.find(b"\r\n", pos)
+                # The same line must be refused however the network splits it: checked
+                # once it is whole, and before that as soon as it is certainly too long
+                # (a trailing CR may still be the start of its CRLF).
                 if eol < 0:
-                    if n - pos > 1024:
+                    if n - pos - (buf[n - 1] == _CR) > _MAX_LINE:
                         raise ValueError("chunked body: chunk-size line too long")
                     break
+                if eol - pos > _MAX_LINE:
+                    raise ValueError("chunked body: chunk-size line too long")
                 size_text = buf[pos:eol].split(b";", 1)[0].strip()
                 try:
                     size = int(size_text, 16)
