@@ -94,17 +94,17 @@ def check_extra_args(name: str, value: Any, managed: Mapping[str, str]) -> Tuple
     return args
 
 
-def _check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> None:
+def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> None:
     # bool is an int subclass; True as a token count is always a mistake.
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {_shown(value)}")
+        raise ValueError(f"{name} must be >= {minimum}, got {shown(value)}")
     if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {_shown(value)}")
+        raise ValueError(f"{name} must be <= {maximum}, got {shown(value)}")
 
 
-def _check_float(
+def check_float(
     name: str,
     value: Any,
     minimum: Optional[float] = None,
@@ -120,14 +120,14 @@ def _check_float(
         raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None:
         if exclusive_min and value <= minimum:
-            raise ValueError(f"{name} must be > {minimum}, got {_shown(value)}")
+            raise ValueError(f"{name} must be > {minimum}, got {shown(value)}")
         if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {_shown(value)}")
+            raise ValueError(f"{name} must be >= {minimum}, got {shown(value)}")
     if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {_shown(value)}")
+        raise ValueError(f"{name} must be <= {maximum}, got {shown(value)}")
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """``value`` for an error message. A huge int is described, not spelled out: its
     digits would flood the message, and past 4300 of them ``str()`` refuses."""
     if isinstance(value, int) and value.bit_length() > 64:
@@ -135,7 +135,7 @@ def _shown(value: Any) -> str:
     return repr(value)
 
 
-def _check_optional(check, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+def check_optional(check, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
     if value is not None:
         check(name, value, *args, **kwargs)
 
@@ -151,18 +151,18 @@ def _string_tuple(name: str, value: Any) -> Tuple[str, ...]:
     return tuple(value)
 
 
-def _check_timeout(name: str, value: Any) -> None:
-    _check_float(name, value, 0.0, MAX_TIMEOUT, exclusive_min=True)
+def check_timeout(name: str, value: Any) -> None:
+    check_float(name, value, 0.0, MAX_TIMEOUT, exclusive_min=True)
 
 
-def _check_devices(value: Any) -> Optional[Tuple[int, ...]]:
+def check_devices(value: Any) -> Optional[Tuple[int, ...]]:
     """GPU indices as a non-empty tuple, or ``None`` (every GPU the environment allows)."""
     if value is None:
         return None
     if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
         raise TypeError(f"devices must be a sequence of device indices, not {type(value).__name__}")
     for device in value:
-        _check_int("device index", device, 0, 1023)
+        check_int("device index", device, 0, 1023)
     if not value:
         raise ValueError("devices must name at least one device (or be None)")
     return tuple(value)
@@ -240,16 +240,16 @@ class GenerateConfig:
     def _check_numbers(self) -> None:
         # Each bound is what llama-server's field can hold, so a value is never
         # silently wrapped or turned into infinity on the way.
-        _check_optional(_check_int, "max_tokens", self.max_tokens, 1, INT32_MAX)
-        _check_optional(_check_float, "temperature", self.temperature, 0.0, 100.0)
-        _check_optional(_check_int, "top_k", self.top_k, 0, INT32_MAX)
-        _check_optional(_check_float, "top_p", self.top_p, 0.0, 1.0)
-        _check_optional(_check_float, "min_p", self.min_p, 0.0, 1.0)
-        _check_optional(_check_float, "repeat_penalty", self.repeat_penalty, 0.0, FLOAT32_MAX, exclusive_min=True)
+        check_optional(check_int, "max_tokens", self.max_tokens, 1, INT32_MAX)
+        check_optional(check_float, "temperature", self.temperature, 0.0, 100.0)
+        check_optional(check_int, "top_k", self.top_k, 0, INT32_MAX)
+        check_optional(check_float, "top_p", self.top_p, 0.0, 1.0)
+        check_optional(check_float, "min_p", self.min_p, 0.0, 1.0)
+        check_optional(check_float, "repeat_penalty", self.repeat_penalty, 0.0, FLOAT32_MAX, exclusive_min=True)
         # A seed is set to be reproducible: the "random" value is refused.
-        _check_optional(_check_int, "seed", self.seed, 0, SEED_MAX)
-        _check_optional(_check_int, "logprobs", self.logprobs, 0, 20)
-        _check_timeout("timeout", self.timeout)
+        check_optional(check_int, "seed", self.seed, 0, SEED_MAX)
+        check_optional(check_int, "logprobs", self.logprobs, 0, 20)
+        check_timeout("timeout", self.timeout)
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> "GenerateConfig":
@@ -315,7 +315,7 @@ class LoadConfig:
             raise ValueError("model path must not be empty")
         object.__setattr__(self, "model_path", model_path)
         self._check_numbers()
-        object.__setattr__(self, "devices", _check_devices(self.devices))
+        object.__setattr__(self, "devices", check_devices(self.devices))
         if self.server_path is not None:
             object.__setattr__(self, "server_path", _check_path("server_path", self.server_path))
         object.__setattr__(self, "extra_args", check_extra_args("extra_args", self.extra_args, _MANAGED_FLAGS))
@@ -323,12 +323,12 @@ class LoadConfig:
 
     def _check_numbers(self) -> None:
         # 16 tokens is below anything useful, but keeps the check about types and sanity.
-        _check_optional(_check_int, "context_length", self.context_length, 16, 2**24)
+        check_optional(check_int, "context_length", self.context_length, 16, 2**24)
         if self.gpu_layers is not None and not (isinstance(self.gpu_layers, str) and self.gpu_layers == "all"):
-            _check_int("gpu_layers", self.gpu_layers, 0, 100_000)
-        _check_int("parallel", self.parallel, 1, 256)
-        _check_optional(_check_int, "threads", self.threads, 1, 4096)
-        _check_timeout("startup_timeout", self.startup_timeout)
+            check_int("gpu_layers", self.gpu_layers, 0, 100_000)
+        check_int("parallel", self.parallel, 1, 256)
+        check_optional(check_int, "threads", self.threads, 1, 4096)
+        check_timeout("startup_timeout", self.startup_timeout)
         # The server gets -c context_length * parallel, which it reads as an int32.
         if self.context_length is not None and self.context_length * self.parallel > INT32_MAX:
             raise ValueError(

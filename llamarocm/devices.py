@@ -41,8 +41,9 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+from .config import check_devices
 from .errors import DeviceError
 
 __all__ = [
@@ -508,20 +509,11 @@ def _parse(value: str) -> List[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _check_devices(devices: Sequence[int]) -> List[int]:
-    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
-        raise TypeError("devices must be a sequence of device indices")
-    wanted: List[int] = []
-    for device in devices:
-        if isinstance(device, bool) or not isinstance(device, int):
-            raise TypeError(f"device indices must be ints, not {type(device).__name__}")
-        if device < 0:
-            raise ValueError(f"device indices are >= 0, got {device}")
-        if device not in wanted:
-            wanted.append(device)
-    if not wanted:
-        raise ValueError("devices must name at least one device (or be None)")
-    return wanted
+def _distinct(devices: Any) -> List[int]:
+    """Checked device indices, each once, in the order given."""
+    checked = check_devices(devices)
+    assert checked is not None
+    return list(dict.fromkeys(checked))
 
 
 def _describe(topology: _Topology) -> str:
@@ -577,7 +569,7 @@ def _choose(
             return DEFAULT_DEVICES, None
         chosen = _default_choice(topology)
         return ",".join(map(str, chosen)), chosen
-    wanted = _check_devices(devices)
+    wanted = _distinct(devices)
     if sysfs_numbering:
         _require(topology, wanted)
     if current is not None:
@@ -627,7 +619,7 @@ def vram_info(device: Optional[int] = None, *, sysfs_root: str = "/") -> VRAMInf
     if device is None:
         chosen = _default_choice(topology)
     else:
-        chosen = _check_devices([device])
+        chosen = _distinct([device])
         _require(topology, chosen)
     devices = [gpu.public() for gpu in topology.gpus if gpu.index in chosen]
     known = [d for d in devices if d is not None]

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from itertools import repeat
 from types import MappingProxyType
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, BinaryIO, NamedTuple, Optional, Union
 
 from .errors import GGUFError, ModelNotFoundError
 
@@ -47,6 +47,7 @@ __all__ = [
     "GGUFValueType",
     "ModelInfo",
     "TensorInfo",
+    "check_model_file",
     "discover_models",
     "read_metadata",
 ]
@@ -913,6 +914,40 @@ class ModelInfo:
 # --------------------------------------------------------------------------- entry points
 
 
+def _open_model_file(path: str) -> BinaryIO:
+    """Open ``path`` for reading as a model file: the one place that refuses a missing
+    file (``ModelNotFoundError``), a folder (``IsADirectoryError``) and anything that is
+    not a regular file (``GGUFError``), with the same words for every caller."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"GGUF model file not found: {path}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{path} is a directory, not a GGUF model file")
+    if not stat.S_ISREG(st.st_mode):
+        # Opening a FIFO would block forever; a device is no model either.
+        raise GGUFError(f"{path} is not a regular file, so not a GGUF model file")
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:  # removed since the stat
+        raise ModelNotFoundError(f"GGUF model file not found: {path}") from None
+
+
+def check_model_file(path: PathLike) -> None:
+    """Refuse what cannot be a GGUF model (see :func:`read_metadata` for the errors)
+    reading only its first four bytes: the cheap check before a process is spawned.
+
+    >>> check_model_file("README.md")  # doctest: +SKIP
+    Traceback (most recent call last):
+    llamarocm.errors.GGUFError: README.md is not a GGUF file (it starts with b'# ll')
+    """
+    path = os.fsdecode(os.fspath(path))
+    with _open_model_file(path) as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path} is not a GGUF file (it starts with {magic!r})")
+
+
 def read_metadata(path: PathLike, *, tensors: bool = True) -> GGUFMetadata:
     """Read a GGUF file's metadata and tensor descriptions (never its tensor data).
 
@@ -932,24 +967,8 @@ def read_metadata(path: PathLike, *, tensors: bool = True) -> GGUFMetadata:
     >>> read_metadata("gemma-3-270m-q4_k_m.gguf", tensors=False).tensors is None  # doctest: +SKIP
     True
     """
-    path = os.fspath(path)
-    if not isinstance(path, str):
-        path = os.fsdecode(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"GGUF model file not found: {path}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(f"{path} is a directory, not a GGUF model file")
-    if not stat.S_ISREG(st.st_mode):
-        # Opening a FIFO would block forever; a device is no model either.
-        raise GGUFError(f"{path} is not a regular file, so not a GGUF model file")
-    try:
-        # Not a with-statement: the except must cover open() only; the with below closes.
-        f = open(path, "rb")  # noqa: SIM115
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"GGUF model file not found: {path}") from None
-    with f:
+    path = os.fsdecode(os.fspath(path))
+    with _open_model_file(path) as f:
         st = os.fstat(f.fileno())
         size = st.st_size
         signature = _signature(st)

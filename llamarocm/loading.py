@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from .chat_templates import template_args
 from .client import Client
 from .config import LoadConfig
 from .devices import check_fits, list_devices
-from .errors import DeviceError, GGUFError, ModelNotFoundError, RequestError
+from .errors import DeviceError, GGUFError, RequestError
 from .gguf import ModelInfo, read_metadata
 from .model import Model
 from .rpc import LOG_VERBOSITY_ARGS, check_placement, probe_worker, rpc_placement
@@ -92,45 +92,17 @@ def load_model(
         extra_args=tuple(extra_args) if not isinstance(extra_args, str) else extra_args,
         rpc=rpc_addresses,
     )
-    if not isinstance(strict, bool):
-        raise TypeError("strict must be True or False")
-    if not isinstance(embeddings, bool):
-        raise TypeError("embeddings must be True or False")
-    if pooling is not None:
-        if not embeddings:
-            raise ValueError("pooling is only meaningful with embeddings=True")
-        if pooling not in POOLING_TYPES:
-            raise ValueError(f"pooling must be one of {', '.join(POOLING_TYPES)}, got {pooling!r}")
-    if progress is not None and not callable(progress):
-        raise TypeError("progress must be callable(fraction, message)")
-    if cfg.rpc and cfg.gpu_layers == 0:
-        # To llama-server a worker is one more GPU: with no GPU layers it would get nothing.
-        raise ValueError("gpu_layers=0 puts no layers on the rpc workers; leave gpu_layers unset or > 0")
+    _check_options(cfg, strict=strict, embeddings=embeddings, pooling=pooling, progress=progress)
     model_path = os.path.abspath(cfg.model_path)
-    if not os.path.exists(model_path):
-        raise ModelNotFoundError(f"model file not found: {model_path}")
-    if not os.path.isfile(model_path):
-        raise ModelNotFoundError(f"model path is not a file: {model_path}")
-    metadata = read_metadata(model_path)
+    metadata = read_metadata(model_path)  # a missing, unreadable or corrupt file stops here
     info = ModelInfo.from_metadata(metadata)
     ctx = _context_length(cfg.context_length, metadata.context_length)
     template_flags, template = template_args(chat_template, metadata.chat_template, metadata.architecture)
     if cfg.gpu_layers != 0:
         _check_memory(metadata, ctx * cfg.parallel, cfg.devices, strict)
-    # Every start of this server (restarts too) probes the workers first and checks
-    # where the weights went after; Model.rpc_placement is this very dict.
+    # Model.rpc_placement is this very dict, filled anew by every start (restarts too).
     placement: Dict[str, float] = {}
-
-    def probe_workers() -> None:
-        placement.clear()  # what a stopped server had placed is no longer anywhere
-        for address in cfg.rpc:
-            probe_worker(address)
-
-    def check_workers(server: Server) -> None:
-        found = rpc_placement(server.stderr_tail(LOG_LINES))
-        check_placement(cfg.rpc, found, server.stderr_tail())
-        placement.update(found)  # emptied by probe_workers, which ran before this start
-
+    before_start, on_ready = _rpc_checks(cfg.rpc, placement) if cfg.rpc else (None, None)
     embedding_flags = ["--embeddings", "--pooling", pooling or "mean"] if embeddings else []
     server = Server(
         model_path,
@@ -139,8 +111,8 @@ def load_model(
         devices=cfg.devices,
         startup_timeout=cfg.startup_timeout,
         progress=progress,
-        before_start=probe_workers if cfg.rpc else None,
-        on_ready=check_workers if cfg.rpc else None,
+        before_start=before_start,
+        on_ready=on_ready,
     )
     assert server.client is not None
     no_template = None
@@ -161,6 +133,45 @@ def load_model(
         embeddings=embeddings,
         rpc_placement=placement,
     )
+
+
+def _check_options(
+    cfg: LoadConfig, *, strict: Any, embeddings: Any, pooling: Any, progress: Any
+) -> None:
+    """The checks of load_model's arguments that LoadConfig does not hold."""
+    if not isinstance(strict, bool):
+        raise TypeError("strict must be True or False")
+    if not isinstance(embeddings, bool):
+        raise TypeError("embeddings must be True or False")
+    if pooling is not None:
+        if not embeddings:
+            raise ValueError("pooling is only meaningful with embeddings=True")
+        if pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING_TYPES)}, got {pooling!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError("progress must be callable(fraction, message)")
+    if cfg.rpc and cfg.gpu_layers == 0:
+        # To llama-server a worker is one more GPU: with no GPU layers it would get nothing.
+        raise ValueError("gpu_layers=0 puts no layers on the rpc workers; leave gpu_layers unset or > 0")
+
+
+def _rpc_checks(
+    addresses: Sequence[str], placement: Dict[str, float]
+) -> "tuple[Callable[[], None], Callable[[Server], None]]":
+    """The start hooks of a server with RPC workers: probe each worker before every
+    start (restarts too), and after it check where the weights went, into ``placement``."""
+
+    def probe_workers() -> None:
+        placement.clear()  # what a stopped server had placed is no longer anywhere
+        for address in addresses:
+            probe_worker(address)
+
+    def check_workers(server: Server) -> None:
+        found = rpc_placement(server.stderr_tail(LOG_LINES))
+        check_placement(addresses, found, server.stderr_tail())
+        placement.update(found)  # emptied by probe_workers, which ran before this start
+
+    return probe_workers, check_workers
 
 
 def _context_length(requested: Optional[int], trained: Optional[int]) -> int:
@@ -197,8 +208,6 @@ def _server_args(cfg: LoadConfig, ctx: int) -> "list[str]":
         args += ["--rpc", ",".join(cfg.rpc), *LOG_VERBOSITY_ARGS]
     args.extend(cfg.extra_args)
     return args
-
-
 
 
 def _kv_cache_bytes(metadata: Any, total_context: int) -> int:

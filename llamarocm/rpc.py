@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._binaries import find_binary, unsupported_cpu_message
 from ._process import PORT_ATTEMPTS, ManagedProcess, ProcessOwner
-from .config import _check_devices, _check_int, _check_optional, _check_timeout, _shown, check_extra_args
+from .config import check_devices, check_extra_args, check_int, check_optional, check_timeout, shown
 from .devices import device_environment
 from .errors import ServerStartError
 
@@ -186,11 +186,11 @@ def check_worker_arguments(
     if isinstance(port, bool) or not isinstance(port, int):
         raise TypeError(f"port must be an int, not {type(port).__name__}")
     if not 0 <= port <= 65535:
-        raise ValueError(f"port must be 0 (pick a free one) or 1..65535, not {_shown(port)}")
-    _check_optional(_check_int, "threads", threads, 1, 4096)
+        raise ValueError(f"port must be 0 (pick a free one) or 1..65535, not {shown(port)}")
+    check_optional(check_int, "threads", threads, 1, 4096)
     # Non-finite values are refused: a NaN deadline never passes, so the wait would be endless.
-    _check_timeout("startup_timeout", startup_timeout)
-    checked_devices = _check_devices(devices)
+    check_timeout("startup_timeout", startup_timeout)
+    checked_devices = check_devices(devices)
     if isinstance(extra_args, str):
         raise TypeError("extra_args must be a sequence of strings, not one string")
     extra = check_extra_args("extra_args", extra_args, _MANAGED_FLAGS)

@@ -18,9 +18,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ._binaries import find_binary
 from ._process import PORT_ATTEMPTS, ManagedProcess, ProcessOwner
 from .client import Client
-from .config import _check_timeout
+from .config import check_timeout
 from .devices import device_environment
-from .errors import ClosedError, GGUFError, ModelNotFoundError, RequestError, ServerStartError
+from .errors import ClosedError, RequestError, ServerStartError
+from .gguf import check_model_file
 
 __all__ = ["Server", "PORT_ATTEMPTS"]
 
@@ -71,19 +72,6 @@ def _read_progress(pid: int) -> "tuple[int, int]":
     return read, rss
 
 
-def _check_model_file(path: str) -> None:
-    """Refuse a missing file or one that does not start like GGUF, before spawning."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"model file not found: {path}") from None
-    except IsADirectoryError:
-        raise ModelNotFoundError(f"model path is a directory: {path}") from None
-    if magic != b"GGUF":
-        raise GGUFError(f"not a GGUF file (magic {magic!r}): {path}")
-
-
 class Server(ProcessOwner):
     """Owns one ``llama-server`` process serving ``model_path`` on a loopback port.
 
@@ -116,8 +104,8 @@ class Server(ProcessOwner):
         on_ready: Optional[Callable[["Server"], None]] = None,
     ) -> None:
         self.model_path = os.path.abspath(os.fspath(model_path))
-        _check_model_file(self.model_path)
-        _check_timeout("startup_timeout", startup_timeout)
+        check_model_file(self.model_path)
+        check_timeout("startup_timeout", startup_timeout)
         binary = find_binary("server", server_path)
         self._args = list(args)
         self._startup_timeout = startup_timeout

@@ -38,6 +38,26 @@ def _threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name != "llamarocm-spawner")
 
 
+def _one_request(model, current, index, cancel_at):
+    """One request of the soak, published in ``current[index]`` for other threads to
+    close, and closed by this thread at token ``cancel_at``; (outcome, tokens)."""
+    tokens = 0
+    try:
+        with model.generate("Once upon a time", max_tokens=4, temperature=0.0) as stream:
+            current[index] = stream
+            for i, _ in enumerate(stream):
+                tokens += 1
+                if cancel_at is not None and i >= cancel_at:
+                    stream.close()
+        return ("cancelled" if stream.finish_reason == "cancelled" else "finished"), tokens
+    except llamarocm.ServerCrashedError:
+        return "crashed", tokens
+    except llamarocm.LlamaRocmError:
+        return "other_typed", tokens
+    except BaseException as exc:
+        return exc, tokens
+
+
 def test_soak(model_path, server_binary):
     from conftest import llama_server_pids
 
@@ -58,22 +78,9 @@ def test_soak(model_path, server_binary):
 
         def worker(index, plan):
             for cancel, at in plan:
-                outcome, tokens = "finished", 0
-                try:
-                    with model.generate("Once upon a time", max_tokens=4, temperature=0.0) as stream:
-                        current[index] = stream
-                        for i, _ in enumerate(stream):
-                            tokens += 1
-                            if cancel and i >= at:
-                                stream.close()
-                    if stream.finish_reason == "cancelled":
-                        outcome = "cancelled"
-                except llamarocm.ServerCrashedError:
-                    outcome = "crashed"
-                except llamarocm.LlamaRocmError:
-                    outcome = "other_typed"
-                except BaseException as exc:  # anything untyped fails the test below
-                    untyped.append(exc)
+                outcome, tokens = _one_request(model, current, index, cancel_at=at if cancel else None)
+                if isinstance(outcome, BaseException):  # anything untyped fails the test below
+                    untyped.append(outcome)
                     outcome = "untyped"
                 with lock:
                     counts[outcome] = counts.get(outcome, 0) + 1
