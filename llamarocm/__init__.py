@@ -10,25 +10,11 @@ from __future__ import annotations
 
 import logging
 
+from . import errors
 from .batch import BatchResult
 from .config import GenerateConfig, LoadConfig
 from .devices import GPUDevice, VRAMInfo, check_fits, list_devices, vram_info
-from .errors import (
-    ClosedError,
-    ConnectionLostError,
-    ContextLengthError,
-    DeviceError,
-    GGUFError,
-    LlamaRocmError,
-    ModelNotFoundError,
-    OutputParseError,
-    RequestError,
-    ServerCrashedError,
-    ServerNotFoundError,
-    ServerStartError,
-    SkippedError,
-    StreamTimeoutError,
-)
+from .errors import *  # noqa: F403 - the whole tree, as errors.__all__ lists it
 from .gguf import GGUFMetadata, ModelInfo, discover_models, read_metadata
 from .loading import connect, load_model
 from .model import Model
@@ -61,21 +47,8 @@ __all__ = [
     "discover_models",
     "GGUFMetadata",
     "ModelInfo",
-    "LlamaRocmError",
-    "ServerNotFoundError",
-    "ServerStartError",
-    "ServerCrashedError",
-    "ClosedError",
-    "ConnectionLostError",
-    "SkippedError",
-    "RequestError",
-    "StreamTimeoutError",
-    "ContextLengthError",
-    "GGUFError",
-    "ModelNotFoundError",
-    "DeviceError",
-    "OutputParseError",
 ]
+__all__ += errors.__all__
 
 # A library never configures logging; this only keeps "no handler" warnings away.
 logging.getLogger("llamarocm").addHandler(logging.NullHandler())

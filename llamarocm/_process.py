@@ -182,8 +182,11 @@ class _Output:
     before a line is stored, so no cut can leave half a secret behind.
     """
 
-    def __init__(self, max_lines: int, redact: Sequence[str] = ()) -> None:
+    def __init__(self, max_lines: int, redact: Sequence[str] = (), logger: Optional[logging.Logger] = None) -> None:
         self.lines: Deque[str] = collections.deque()
+        # Every line, redacted, also goes to this logger at DEBUG (for an application's
+        # own log files); the ring buffer is what error messages quote.
+        self.logger = logger
         self.max_lines = max_lines
         self.size = 0
         self.count = 0
@@ -226,6 +229,8 @@ class _Output:
         return line + " [... line cut]\n"
 
     def _add(self, line: str) -> None:
+        if self.logger is not None and self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("%s", line.rstrip("\n"))
         size = len(line.encode())
         with self.changed:
             self.lines.append(line)
@@ -249,11 +254,12 @@ class ManagedProcess:
         env: Dict[str, str],
         *,
         name: str = "child",
+        logger: Optional[logging.Logger] = None,
         max_lines: int = 400,
         redact: Sequence[str] = (),
     ) -> None:
         self.name = name
-        self._output = _Output(max_lines, redact)
+        self._output = _Output(max_lines, redact, logger)
         self._stop_lock = threading.Lock()
         self._owner_pid = os.getpid()
         self._proc = _spawner.spawn(list(_pdeathsig_prefix()) + list(argv), env)
@@ -373,6 +379,8 @@ class ProcessOwner:
     #: Lines of the child's log that mean it could not bind its port.
     _bind_failure_markers: Tuple[str, ...] = ()
     _max_lines = 400
+    #: Where the child's output is logged, line by line, at DEBUG.
+    _logger_name = "llamarocm.child"
 
     def __init__(self, binary: Binary, env: Dict[str, str], host: str) -> None:
         self.binary = binary
@@ -456,6 +464,7 @@ class ProcessOwner:
                     self._argv(port),
                     self._env,
                     name=label_of(self._kind),
+                    logger=logging.getLogger(self._logger_name),
                     max_lines=self._max_lines,
                     redact=self._redact(),
                 )

@@ -40,6 +40,17 @@ class BatchResult:
     def ok(self) -> bool:
         return self.error is None
 
+    def __repr__(self) -> str:
+        # A prompt or a text may be pages long: a REPL shows their start.
+        prompt = _short(self.prompt if isinstance(self.prompt, str) else f"{len(self.prompt)} messages")
+        if self.error is not None:
+            return f"<BatchResult {prompt} error={type(self.error).__name__}: {_short(str(self.error))}>"
+        return f"<BatchResult {prompt} -> {_short(self.text or '')} finish_reason={self.finish_reason!r}>"
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
 
 def _check_arguments(
     prompts: Any, config: Dict[str, Any], max_workers: Any, progress: Any

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import socket
+import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
 from urllib.parse import urlsplit
 
@@ -30,11 +32,16 @@ import requests
 
 from ._chunked import Dechunker
 from ._sse import ServerSentEvent, SSEDecoder
-from .errors import ConnectionLostError, RequestError, StreamTimeoutError, error_from_payload
+from .errors import ConnectionLostError, RequestError, RequestTimeoutError, StreamTimeoutError, error_from_payload
 
 __all__ = ["Client", "EventStream"]
 
+# Each request at DEBUG: method, path, status and time, never a body (prompts stay out
+# of logs).
+log = logging.getLogger("llamarocm.http")
+
 CONNECT_TIMEOUT = 5.0
+#: The default ``request_timeout``: how long a plain call waits for its answer.
 CALL_TIMEOUT = 30.0
 READ_SIZE = 65536
 
@@ -47,8 +54,9 @@ class Client:
     'ok'
     """
 
-    def __init__(self, base_url: str, api_key: Optional[str] = None) -> None:
+    def __init__(self, base_url: str, api_key: Optional[str] = None, request_timeout: float = CALL_TIMEOUT) -> None:
         self.base_url = base_url.rstrip("/")
+        self.request_timeout = request_timeout
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -92,11 +100,11 @@ class Client:
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         return cls(self._host, self._port, timeout=timeout)
 
-    def get_json(self, path: str, timeout: float = CALL_TIMEOUT) -> Any:
-        return self._call("GET", path, None, timeout)
+    def get_json(self, path: str) -> Any:
+        return self._call("GET", path, None)
 
-    def post_json(self, path: str, body: Dict[str, Any], timeout: float = CALL_TIMEOUT) -> Any:
-        return self._call("POST", path, body, timeout)
+    def post_json(self, path: str, body: Dict[str, Any]) -> Any:
+        return self._call("POST", path, body)
 
     def props(self) -> Dict[str, Any]:
         return self.get_json("/props")
@@ -104,8 +112,10 @@ class Client:
     def slots(self) -> List[Dict[str, Any]]:
         return self.get_json("/slots")
 
-    def _call(self, method: str, path: str, body: Optional[Dict[str, Any]], timeout: float) -> Any:
+    def _call(self, method: str, path: str, body: Optional[Dict[str, Any]]) -> Any:
+        timeout = self.request_timeout
         data = None if body is None else _encode(body)
+        started = time.monotonic()
         try:
             resp = self._session.request(
                 method,
@@ -115,9 +125,10 @@ class Client:
                 timeout=(CONNECT_TIMEOUT, timeout),
             )
         except requests.Timeout as exc:
-            raise StreamTimeoutError(f"{method} {path}: no answer within {timeout} s") from exc
+            raise RequestTimeoutError(f"{method} {path}: no answer within {timeout} s (request_timeout)") from exc
         except requests.RequestException as exc:
             raise ConnectionLostError(f"{method} {path}: connection failed: {exc}") from exc
+        log.debug("%s %s -> %d in %.1f ms", method, path, resp.status_code, (time.monotonic() - started) * 1000)
         if resp.status_code >= 400:
             raise error_from_payload(resp.text, resp.status_code)
         try:
@@ -196,6 +207,7 @@ class EventStream:
 
     def open(self) -> None:
         """Connect, send the request and read the response headers (raising HTTP errors)."""
+        started = time.monotonic()
         try:
             self._conn.connect()
         except OSError as exc:
@@ -225,6 +237,7 @@ class EventStream:
             if self.cancelled:
                 return
             raise ConnectionLostError(f"POST {self.path}: connection lost: {exc}") from exc
+        log.debug("POST %s -> %d in %.1f ms (streaming)", self.path, resp.status, (time.monotonic() - started) * 1000)
         if resp.status >= 400:
             text = self._error_body(resp)
             if text is None:

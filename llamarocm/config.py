@@ -46,6 +46,8 @@ _MANAGED_FLAGS: Dict[str, str] = {
 #: Generous default for ``timeout=``: a stream that sends nothing for this long is dead.
 DEFAULT_STREAM_TIMEOUT = 300.0
 DEFAULT_STARTUP_TIMEOUT = 120.0
+#: How long a plain call (tokenize, embed, apply-template...) waits for its answer.
+DEFAULT_REQUEST_TIMEOUT = 30.0
 
 #: The longest ``timeout`` / ``startup_timeout`` accepted, in seconds (about 31 years:
 #: "never" in practice). Python keeps socket and thread timeouts as signed 64-bit
@@ -263,6 +265,20 @@ class GenerateConfig:
             )
         return cls(**kwargs)
 
+    @classmethod
+    def arguments_of(cls, call: Mapping[str, Any]) -> Dict[str, Any]:
+        """The fields' values among a call's arguments (a method's ``locals()`` whose
+        keyword parameters are named after the fields); ``extra=None`` is ``{}``."""
+        values = {f.name: call[f.name] for f in fields(cls)}
+        if values["extra"] is None:
+            values["extra"] = {}
+        return values
+
+    @classmethod
+    def from_arguments(cls, call: Mapping[str, Any]) -> "GenerateConfig":
+        """Build from a call's arguments (see :meth:`arguments_of`)."""
+        return cls(**cls.arguments_of(call))
+
     def sampling_fields(self) -> dict:
         """The request fields for llama-server's native ``/completion``, set ones only."""
         body: dict = {}
@@ -290,9 +306,12 @@ class LoadConfig:
 
     ``context_length`` is the context of *each* slot; llama-server divides ``-c``
     between its ``parallel`` slots, so the server is started with
-    ``-c context_length * parallel``. ``gpu_layers``: ``None`` leaves it to the
-    server (``-ngl auto``: fit to memory), ``"all"`` offloads every layer, an int
-    offloads that many.
+    ``-c context_length * parallel``. ``gpu_layers``: ``None`` or ``"auto"`` leaves
+    it to the server (``-ngl auto``: fit to memory), ``"all"`` or ``-1`` (as
+    llama-cpp-python writes it) offloads every layer, an int offloads that many; the
+    two spellings are stored as ``None`` and ``"all"``. A ``~`` in ``model_path`` or
+    ``server_path`` is expanded. ``request_timeout`` bounds each plain call (tokenize,
+    embed, apply-template...), in seconds.
 
     >>> LoadConfig("model.gguf", parallel=4).parallel
     4
@@ -308,33 +327,46 @@ class LoadConfig:
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
     extra_args: Tuple[str, ...] = ()
     rpc: Tuple[str, ...] = ()
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
 
     def __post_init__(self) -> None:
-        model_path = _check_path("model path", self.model_path)
+        model_path = os.path.expanduser(_check_path("model path", self.model_path))
         if not model_path:
             raise ValueError("model path must not be empty")
         object.__setattr__(self, "model_path", model_path)
         self._check_numbers()
         object.__setattr__(self, "devices", check_devices(self.devices))
         if self.server_path is not None:
-            object.__setattr__(self, "server_path", _check_path("server_path", self.server_path))
+            object.__setattr__(self, "server_path", os.path.expanduser(_check_path("server_path", self.server_path)))
         object.__setattr__(self, "extra_args", check_extra_args("extra_args", self.extra_args, _MANAGED_FLAGS))
         object.__setattr__(self, "rpc", tuple(_check_rpc_address(a) for a in _string_tuple("rpc", self.rpc)))
 
     def _check_numbers(self) -> None:
         # 16 tokens is below anything useful, but keeps the check about types and sanity.
         check_optional(check_int, "context_length", self.context_length, 16, 2**24)
-        if self.gpu_layers is not None and not (isinstance(self.gpu_layers, str) and self.gpu_layers == "all"):
-            check_int("gpu_layers", self.gpu_layers, 0, 100_000)
+        object.__setattr__(self, "gpu_layers", _check_gpu_layers(self.gpu_layers))
         check_int("parallel", self.parallel, 1, 256)
         check_optional(check_int, "threads", self.threads, 1, 4096)
         check_timeout("startup_timeout", self.startup_timeout)
+        check_timeout("request_timeout", self.request_timeout)
         # The server gets -c context_length * parallel, which it reads as an int32.
         if self.context_length is not None and self.context_length * self.parallel > INT32_MAX:
             raise ValueError(
                 f"context_length * parallel must be <= {INT32_MAX} (llama-server's -c), "
                 f"got {self.context_length} * {self.parallel}"
             )
+
+
+def _check_gpu_layers(value: Any) -> GpuLayers:
+    """``gpu_layers`` in its stored form: ``None`` (auto), ``"all"`` or a count."""
+    if isinstance(value, str):
+        if value in ("auto", "all"):
+            return None if value == "auto" else "all"
+        raise TypeError(f'gpu_layers must be an int (-1: all), "auto" or "all", not {value!r}')
+    if value is None:
+        return None
+    check_int("gpu_layers", value, -1, 100_000)
+    return "all" if value == -1 else value
 
 
 def _check_path(name: str, value: Any) -> str:

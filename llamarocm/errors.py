@@ -16,7 +16,9 @@ The tree::
     │   │                               carries ``status`` and the server's message
     │   ├── ConnectionLostError         the connection broke without an answer (to a
     │   │                               server we did not start: we cannot tell why)
-    │   ├── StreamTimeoutError          (also a TimeoutError) no data for too long
+    │   ├── RequestTimeoutError         (also a TimeoutError) no answer to a plain call
+    │   │   │                           (tokenize, embed...) within request_timeout
+    │   │   └── StreamTimeoutError      no data on a stream for its timeout
     │   └── ContextLengthError          (also a ValueError) prompt + output exceed
     │                                   the slot's context
     ├── GGUFError                       (also a ValueError) not a readable GGUF file
@@ -49,6 +51,7 @@ __all__ = [
     "ClosedError",
     "RequestError",
     "ConnectionLostError",
+    "RequestTimeoutError",
     "StreamTimeoutError",
     "ContextLengthError",
     "GGUFError",
@@ -56,7 +59,6 @@ __all__ = [
     "DeviceError",
     "OutputParseError",
     "SkippedError",
-    "error_from_payload",
 ]
 
 
@@ -123,8 +125,13 @@ class ConnectionLostError(RequestError):
     """
 
 
-class StreamTimeoutError(RequestError, TimeoutError):
-    """No data arrived from the server for longer than the stream's ``timeout``."""
+class RequestTimeoutError(RequestError, TimeoutError):
+    """The server did not answer in time: a plain call (``tokenize``, ``embed``,
+    ``/apply-template``...) within ``request_timeout``."""
+
+
+class StreamTimeoutError(RequestTimeoutError):
+    """No data arrived on a stream for longer than its ``timeout``."""
 
 
 class ContextLengthError(RequestError, ValueError):

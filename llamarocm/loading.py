@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from .chat_templates import template_args
 from .client import Client
-from .config import LoadConfig
+from .config import DEFAULT_REQUEST_TIMEOUT, LoadConfig, check_timeout
 from .devices import check_fits, list_devices
 from .errors import DeviceError, GGUFError, RequestError
 from .gguf import ModelInfo, read_metadata
@@ -49,6 +49,7 @@ def load_model(
     rpc: Sequence[Any] = (),
     strict: bool = False,
     progress: Optional[ProgressCallback] = None,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
 ) -> Model:
     """Start ``llama-server`` on the GGUF file at ``path`` and return the loaded model.
 
@@ -71,6 +72,11 @@ def load_model(
     KV cache cannot fit in the chosen GPUs' free memory (or there is no GPU at all);
     by default a shortfall is only logged, and the server spills to system memory.
     ``progress(fraction, message)`` is called while the model loads.
+    ``request_timeout`` bounds each plain call (``tokenize``, ``embed``, a chat's
+    template rendering...): past it they raise
+    :class:`~llamarocm.RequestTimeoutError`. A ``~`` in ``path`` or ``server_path`` is
+    expanded; ``gpu_layers=-1`` and ``"auto"`` are accepted as in llama-cpp-python and
+    llama-server.
 
     >>> import llamarocm
     >>> with llamarocm.load_model("gemma.gguf", parallel=2) as model:  # doctest: +SKIP
@@ -91,6 +97,7 @@ def load_model(
         startup_timeout=startup_timeout,
         extra_args=tuple(extra_args) if not isinstance(extra_args, str) else extra_args,
         rpc=rpc_addresses,
+        request_timeout=request_timeout,
     )
     _check_options(cfg, strict=strict, embeddings=embeddings, pooling=pooling, progress=progress)
     model_path = os.path.abspath(cfg.model_path)
@@ -113,6 +120,7 @@ def load_model(
         progress=progress,
         before_start=before_start,
         on_ready=on_ready,
+        request_timeout=cfg.request_timeout,
     )
     assert server.client is not None
     no_template = None
@@ -128,7 +136,7 @@ def load_model(
         info,
         context_length=ctx,
         parallel=cfg.parallel,
-        chat_template=template,
+        chat_template_source=template,
         no_chat_template_reason=no_template,
         embeddings=embeddings,
         rpc_placement=placement,
@@ -225,10 +233,11 @@ def _check_memory(metadata: Any, total_context: int, devices: Optional[Sequence[
     check_fits(required, devices, env=os.environ, strict=strict)
 
 
-def connect(url: str, api_key: Optional[str] = None) -> Model:
+def connect(url: str, api_key: Optional[str] = None, *, request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> Model:
     """Use a llama-server this process did not start (no process ownership).
 
     ``close()`` then closes connections only; ``model.server`` is ``None``;
+    ``request_timeout`` bounds each plain call, as for :func:`load_model`;
     ``model.info`` comes from the server's ``/props`` and ``/v1/models``; a lost
     connection raises :class:`~llamarocm.RequestError` (we cannot see its process).
 
@@ -238,7 +247,8 @@ def connect(url: str, api_key: Optional[str] = None) -> Model:
         raise ValueError(f"url must be an http(s) URL, got {url!r}")
     if api_key is not None and not isinstance(api_key, str):
         raise TypeError("api_key must be a str")
-    client = Client(url, api_key)
+    check_timeout("request_timeout", request_timeout)
+    client = Client(url, api_key, request_timeout)
     try:
         status = client.health(timeout=5.0)
         if status != "ok":
@@ -273,5 +283,5 @@ def connect(url: str, api_key: Optional[str] = None) -> Model:
         info,
         context_length=settings.get("n_ctx"),
         parallel=props.get("total_slots") or 1,
-        chat_template="reported by the server" if props.get("chat_template") else None,
+        chat_template_source="reported by the server" if props.get("chat_template") else None,
     )

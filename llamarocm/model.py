@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from .batch import BatchResult, run_batch
 from .client import Client
-from .config import GenerateConfig, check_messages
+from .config import DEFAULT_STREAM_TIMEOUT, GenerateConfig, check_messages
 from .errors import ClosedError, ConnectionLostError, LlamaRocmError, RequestError, ServerCrashedError
 from .stream import StreamState, TokenStream, fork_error
 
@@ -47,7 +47,7 @@ class Model:
         *,
         context_length: Optional[int] = None,
         parallel: int = 1,
-        chat_template: Optional[str] = None,
+        chat_template_source: Optional[str] = None,
         no_chat_template_reason: Optional[str] = None,
         embeddings: Optional[bool] = None,
         rpc_placement: Optional[Dict[str, float]] = None,
@@ -59,8 +59,9 @@ class Model:
         self.context_length = context_length
         #: How many requests the server runs at once.
         self.parallel = parallel
-        #: Where ``chat()``'s template comes from (e.g. "embedded in the GGUF file").
-        self.chat_template = chat_template
+        #: Where ``chat()``'s template comes from, in words (e.g. "embedded in the GGUF
+        #: file", "built-in chatml"), or ``None`` when there is none.
+        self.chat_template_source = chat_template_source
         self._no_chat_template_reason = no_chat_template_reason
         #: Whether the server computes embeddings (``None``: unknown, an attached server).
         self.embeddings = embeddings
@@ -84,14 +85,36 @@ class Model:
 
     # -- requests ----------------------------------------------------------------
 
-    def generate(self, prompt: str, **config: Any) -> TokenStream:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        min_p: Optional[float] = None,
+        repeat_penalty: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str]] = (),
+        json_schema: Optional[Mapping[str, Any]] = None,
+        grammar: Optional[str] = None,
+        logprobs: Optional[int] = None,
+        timeout: float = DEFAULT_STREAM_TIMEOUT,
+        extra: Optional[Mapping[str, Any]] = None,
+    ) -> TokenStream:
         """Complete ``prompt`` (raw text, no chat template) and stream the tokens.
 
-        Keyword arguments are :class:`~llamarocm.GenerateConfig` fields.
+        The keyword arguments are the fields of :class:`~llamarocm.GenerateConfig`,
+        documented there; bad values raise ``TypeError`` / ``ValueError`` before
+        anything is sent.
+
+        >>> model.generate("The capital of France is", max_tokens=4).text()  # doctest: +SKIP
+        ' Paris.'
         """
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
-        return self._complete(prompt, GenerateConfig.from_kwargs(config))
+        return self._complete(prompt, GenerateConfig.from_arguments(locals()))
 
     def _complete(self, prompt: str, cfg: GenerateConfig) -> TokenStream:
         body: Dict[str, Any] = {
@@ -105,9 +128,27 @@ class Model:
         body.update(cfg.extra)
         return self._open(body, cfg)
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], **config: Any) -> TokenStream:
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        min_p: Optional[float] = None,
+        repeat_penalty: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str]] = (),
+        json_schema: Optional[Mapping[str, Any]] = None,
+        grammar: Optional[str] = None,
+        logprobs: Optional[int] = None,
+        timeout: float = DEFAULT_STREAM_TIMEOUT,
+        extra: Optional[Mapping[str, Any]] = None,
+    ) -> TokenStream:
         """Reply to ``messages`` (``[{"role": ..., "content": ...}]``) with the model's
-        chat template, streaming the tokens.
+        chat template, streaming the tokens. The keyword arguments are those of
+        :meth:`generate`.
 
         The server renders the messages (``/apply-template``) and the reply streams from
         its native completion endpoint, the same path as :meth:`generate`: so chat
@@ -115,7 +156,7 @@ class Model:
         of one extra local round trip of about a millisecond.
         """
         checked = check_messages(messages)
-        cfg = GenerateConfig.from_kwargs(config)
+        cfg = GenerateConfig.from_arguments(locals())
         if self._no_chat_template_reason:
             # llama-server would silently render ChatML, which most models never saw.
             raise ValueError(self._no_chat_template_reason)
@@ -132,7 +173,19 @@ class Model:
         max_workers: Optional[int] = None,
         fail_fast: bool = False,
         progress: Optional[Callable[[int, int], None]] = None,
-        **config: Any,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        min_p: Optional[float] = None,
+        repeat_penalty: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str]] = (),
+        json_schema: Optional[Mapping[str, Any]] = None,
+        grammar: Optional[str] = None,
+        logprobs: Optional[int] = None,
+        timeout: float = DEFAULT_STREAM_TIMEOUT,
+        extra: Optional[Mapping[str, Any]] = None,
     ) -> List[BatchResult]:
         """Run many prompts concurrently and return a :class:`~llamarocm.BatchResult`
         per prompt, in input order.
@@ -141,14 +194,16 @@ class Model:
         ``max_workers`` defaults to the server's slots (``parallel``). An item that
         fails records its ``error`` and the rest go on, unless ``fail_fast``: then the
         first error cancels what runs, skips what has not started, and is raised.
-        ``progress(done, total)`` is called from the calling thread.
+        ``progress(done, total)`` is called from the calling thread. The other keyword
+        arguments are those of :meth:`generate`, for every prompt.
 
         >>> results = model.map(["Hi", "Hello"], max_tokens=8)  # doctest: +SKIP
         >>> [r.text for r in results if r.ok]  # doctest: +SKIP
         """
+        options = GenerateConfig.arguments_of(locals())
         workers = max(1, self.parallel) if max_workers is None else max_workers
         return run_batch(
-            self.generate, self.chat, prompts, max_workers=workers, fail_fast=fail_fast, progress=progress, **config
+            self.generate, self.chat, prompts, max_workers=workers, fail_fast=fail_fast, progress=progress, **options
         )
 
     def embed(self, texts: Union[str, Sequence[str]]) -> List[List[float]]:
@@ -376,7 +431,15 @@ class Model:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Model {getattr(self.info, 'path', '?')} server={self.server!r}>"
+        name = os.path.basename(getattr(self.info, "path", "") or "") or "?"
+        if self._closed:
+            state = "closed"
+        elif self._crashed is not None:
+            state = "crashed"
+        else:
+            state = f"parallel={self.parallel} context_length={self.context_length}"
+        where = self.server.url if self.server is not None else f"attached to {self.client.base_url}"
+        return f"<Model {name} {state} {where}>"
 
 
 def _cancel(streams: Sequence[StreamState], wait: float = 5.0) -> None:

@@ -268,6 +268,7 @@ class RpcWorker(ProcessOwner):
     # -- what the start loop needs -----------------------------------------------
 
     _kind = "rpc"
+    _logger_name = "llamarocm.rpc"
     # ggml-rpc-server reports any failure to bind or listen with one line, and then
     # exits with status 0.
     _bind_failure_markers = ("failed to create server socket", "address already in use", "failed to bind")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ._binaries import find_binary
 from ._process import PORT_ATTEMPTS, ManagedProcess, ProcessOwner
 from .client import Client
-from .config import check_timeout
+from .config import DEFAULT_REQUEST_TIMEOUT, check_timeout
 from .devices import device_environment
 from .errors import ClosedError, RequestError, ServerStartError
 from .gguf import check_model_file
@@ -102,10 +102,13 @@ class Server(ProcessOwner):
         env: Optional[Dict[str, str]] = None,
         before_start: Optional[Callable[[], None]] = None,
         on_ready: Optional[Callable[["Server"], None]] = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self.model_path = os.path.abspath(os.fspath(model_path))
         check_model_file(self.model_path)
         check_timeout("startup_timeout", startup_timeout)
+        check_timeout("request_timeout", request_timeout)
+        self._request_timeout = request_timeout
         binary = find_binary("server", server_path)
         self._args = list(args)
         self._startup_timeout = startup_timeout
@@ -128,6 +131,7 @@ class Server(ProcessOwner):
     # -- what the start loop needs -----------------------------------------------
 
     _kind = "server"
+    _logger_name = "llamarocm.server"
     _bind_failure_markers = ("couldn't bind", "address already in use", "failed to bind")
     _max_lines = LOG_LINES
 
@@ -146,7 +150,7 @@ class Server(ProcessOwner):
 
     def _spawned(self, port: int) -> None:
         self.url = f"http://{HOST}:{port}"
-        self.client = Client(self.url, self.api_key)
+        self.client = Client(self.url, self.api_key, self._request_timeout)
 
     def _after_ready(self) -> None:
         if self._on_ready is not None:

@@ -293,6 +293,16 @@ class TokenStream:
         if self._thread is not threading.current_thread():
             self._state.done.wait(10.0)
 
+    def __repr__(self) -> str:
+        state = self._state
+        if not state.done.is_set():
+            how = "running"
+        elif state.error is not None:
+            how = f"failed: {type(state.error).__name__}"
+        else:
+            how = f"finished: {state.finish_reason}"
+        return f"<TokenStream {how}, {state.generated} tokens received>"
+
     def __enter__(self) -> "TokenStream":
         return self
 

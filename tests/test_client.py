@@ -163,3 +163,23 @@ def test_cancel_while_an_error_body_stalls_ends_open_quietly(error_head_server):
         timer.join()
         stream.close()
         client.close()
+
+
+def test_a_plain_call_that_times_out_is_a_request_timeout_not_a_streams():
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    client = Client(f"http://127.0.0.1:{listener.getsockname()[1]}", request_timeout=0.3)
+    try:
+        with pytest.raises(llamarocm.RequestTimeoutError, match="request_timeout") as info:
+            client.post_json("/tokenize", {"content": "x"})
+        assert not isinstance(info.value, llamarocm.StreamTimeoutError)
+        assert isinstance(info.value, TimeoutError)
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_connect_checks_its_request_timeout_before_connecting():
+    with pytest.raises(ValueError, match="request_timeout"):
+        llamarocm.connect(URL, request_timeout=0)
+    with pytest.raises(TypeError, match="request_timeout"):
+        llamarocm.connect(URL, request_timeout="30")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -68,7 +69,7 @@ def test_unknown_generate_argument_is_named():
         ({"model_path": ""}, ValueError),
         ({"context_length": 0}, ValueError),
         ({"context_length": "4096"}, TypeError),
-        ({"gpu_layers": -1}, ValueError),
+        ({"gpu_layers": -2}, ValueError),
         ({"gpu_layers": "most"}, TypeError),
         ({"parallel": 0}, ValueError),
         ({"parallel": 2.0}, TypeError),
@@ -89,6 +90,13 @@ def test_load_config_rejects(kwargs, error):
 
 def test_load_config_accepts_all_gpu_layer_forms():
     assert LoadConfig("m.gguf", gpu_layers="all").gpu_layers == "all"
+    # As llama-cpp-python and llama-server users write them:
+    assert LoadConfig("m.gguf", gpu_layers=-1).gpu_layers == "all"
+    assert LoadConfig("m.gguf", gpu_layers="auto").gpu_layers is None
+    assert LoadConfig("~/m.gguf").model_path == os.path.expanduser("~/m.gguf")
+    server = "~/bin/llama-server"
+    assert LoadConfig("m.gguf", server_path=server).server_path == os.path.expanduser(server)
+    assert LoadConfig("m.gguf").request_timeout == 30.0
     assert LoadConfig("m.gguf", gpu_layers=0).gpu_layers == 0
     assert LoadConfig("m.gguf", devices=[0, 1]).devices == (0, 1)
 
@@ -196,3 +204,11 @@ def test_the_longest_timeouts_are_usable():
     with socket.socket() as sock:
         sock.settimeout(cfg.timeout)
     assert LoadConfig("m.gguf", startup_timeout=MAX_TIMEOUT).startup_timeout == MAX_TIMEOUT
+
+
+def test_load_model_expands_home_in_the_model_path(monkeypatch, tmp_path):
+    import llamarocm
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(llamarocm.ModelNotFoundError, match=str(tmp_path)):
+        llamarocm.load_model("~/nope.gguf")

@@ -123,3 +123,22 @@ def test_restart_after_a_crash(model_path, server_binary):
         model.restart()
         assert model.server.pid != old_pid and model.server.alive()
         assert model.generate("1, 2, 3,", max_tokens=3, **GREEDY).text()
+
+
+def test_requests_and_server_output_are_logged_at_debug_without_prompts_or_key(shared_model, caplog):
+    import logging
+
+    prompt = "Zebras-and-ladders 1, 2, 3,"
+    with caplog.at_level(logging.DEBUG, logger="llamarocm"):
+        shared_model.generate(prompt, max_tokens=2, temperature=0.0).text()
+        shared_model.tokenize("hello")
+        # The server logs the request's end a moment after the stream's final event.
+        shared_model.client.slots()
+    http = [r.getMessage() for r in caplog.records if r.name == "llamarocm.http"]
+    assert any(m.startswith("POST /completion -> 200") for m in http), http
+    assert any(m.startswith("POST /tokenize -> 200") for m in http), http
+    server_lines = [r for r in caplog.records if r.name == "llamarocm.server"]
+    assert server_lines and all(r.levelno == logging.DEBUG for r in server_lines)
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Zebras" not in everything
+    assert shared_model.server.api_key not in everything

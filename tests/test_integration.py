@@ -95,7 +95,7 @@ def test_stop_string_ends_the_stream(shared_model):
 
 def test_chat_uses_gemmas_turn_template(shared_model):
     # The Gemma 3 270M file carries no template; llama-server alone would render ChatML.
-    assert shared_model.chat_template == "built-in gemma (fallback for gemma3)"
+    assert shared_model.chat_template_source == "built-in gemma (fallback for gemma3)"
     messages = [{"role": "user", "content": "Say hello."}]
     rendered = shared_model.client.post_json("/apply-template", {"messages": messages})["prompt"]
     assert rendered == "<start_of_turn>user\nSay hello.<end_of_turn>\n<start_of_turn>model\n"
@@ -114,7 +114,7 @@ def test_chat_template_override(model_path, server_binary):
                               chat_template="chatml") as model:
         rendered = model.client.post_json("/apply-template", {"messages": [{"role": "user", "content": "Hi"}]})
         assert rendered["prompt"].startswith("<|im_start|>user\nHi<|im_end|>")
-        assert model.chat_template == "built-in chatml"
+        assert model.chat_template_source == "built-in chatml"
 
 
 def test_unknown_template_name_spawns_nothing(model_path, server_binary):
@@ -265,6 +265,11 @@ def test_with_block_stops_the_server(model_path, server_binary):
             proc.wait_output(proc.line_count, deadline - time.monotonic())
             log_text = model.server.stderr_tail(400)
         assert any(marker in log_text for marker in server_module.READY_MARKERS), log_text
+        for text in (repr(model), repr(model.server)):
+            assert model.server.api_key not in text
+        assert repr(model).startswith("<Model gemma") and model.server.url in repr(model)
+        assert f"pid={pid} alive" in repr(model.server)
+        assert model.client.request_timeout == 30.0
     assert not model.server.alive()
     assert wait_pid_gone(pid, 1.0)
     with pytest.raises(llamarocm.LlamaRocmError, match="closed"):

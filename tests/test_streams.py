@@ -202,3 +202,18 @@ def test_health_states(canned):
     assert client.health() == "http 500"
     canned.close()
     assert client.health(timeout=1.0) is None  # nothing listens any more
+
+
+def test_reprs_are_readable_and_never_show_the_key(model, canned):
+    canned.stream("/completion", _sse({"content": "Hi", "tokens": [1], "stop": False}, DONE))
+    stream = model.generate("x")
+    assert repr(stream).startswith("<TokenStream ")
+    stream.text()
+    assert repr(stream) == "<TokenStream finished: stop, 1 tokens received>"
+    assert repr(model).startswith("<Model ") and "attached to" in repr(model)
+    results = model.map(["x" * 100])
+    assert repr(results[0]).startswith("<BatchResult 'xxx") and "…" in repr(results[0])
+    for text in (repr(stream), repr(model), repr(results[0])):
+        assert "Bearer" not in text and "api_key" not in text
+    model.close()
+    assert "closed" in repr(model)
