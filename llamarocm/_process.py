@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Any, Deque, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from ._binaries import Binary, label_of, unsupported_cpu_message
 from .errors import ClosedError, ServerStartError
@@ -76,15 +76,22 @@ def _pdeathsig_prefix(owner_pid: Optional[int] = None) -> List[str]:
     return [sys.executable, "-S", "-E", "-c", _PDEATHSIG_SHIM, owner]
 
 
+# What the spawner thread is asked (argv, environment, where to answer) and answers:
+# (True, the process) or (False, the exception to raise in the caller).
+_SpawnAnswer = Tuple[bool, Any]
+_SpawnRequest = Tuple[List[str], Dict[str, str], "queue.SimpleQueue[_SpawnAnswer]"]
+_Owner = TypeVar("_Owner", bound="ProcessOwner")
+
+
 class _Spawner:
     """One long-lived thread that forks every child (see the module docstring)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._requests: "Optional[queue.SimpleQueue]" = None
+        self._requests: "Optional[queue.SimpleQueue[_SpawnRequest]]" = None
         self._owner_pid = -1
 
-    def spawn(self, argv: Sequence[str], env: Dict[str, str]) -> subprocess.Popen:
+    def spawn(self, argv: Sequence[str], env: Dict[str, str]) -> "subprocess.Popen[bytes]":
         with self._lock:
             # A forked child inherits our state but not our threads: start anew there.
             if self._requests is None or self._owner_pid != os.getpid():
@@ -96,7 +103,7 @@ class _Spawner:
                     target=self._serve, args=(self._requests,), name="llamarocm-spawner", daemon=True
                 ).start()
             requests = self._requests
-        done: "queue.SimpleQueue" = queue.SimpleQueue()
+        done: "queue.SimpleQueue[_SpawnAnswer]" = queue.SimpleQueue()
         requests.put((list(argv), env, done))
         try:
             ok, value = done.get()
@@ -108,7 +115,8 @@ class _Spawner:
                 _stop(value, os.getpid(), 0.0)
             raise
         if ok:
-            return value
+            proc: "subprocess.Popen[bytes]" = value
+            return proc
         raise value
 
     def reset_after_fork(self) -> None:
@@ -118,7 +126,7 @@ class _Spawner:
         self._requests = None
 
     @staticmethod
-    def _serve(requests: "queue.SimpleQueue") -> None:
+    def _serve(requests: "queue.SimpleQueue[_SpawnRequest]") -> None:
         while True:
             argv, env, done = requests.get()
             try:
@@ -142,7 +150,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_spawner.reset_after_fork)
 
 
-def _stop(proc: subprocess.Popen, owner_pid: int, grace: float) -> Optional[int]:
+def _stop(proc: "subprocess.Popen[bytes]", owner_pid: int, grace: float) -> Optional[int]:
     """TERM the group, wait ``grace`` seconds, KILL, reap. Safe to call repeatedly."""
     if os.getpid() != owner_pid:
         # A forked copy of the owner must never stop (or reap) the parent's child.
@@ -194,7 +202,7 @@ class _Output:
         self.changed = threading.Condition()
         self._redact = [secret for secret in redact if secret]
 
-    def drain(self, pipe) -> None:
+    def drain(self, pipe: IO[bytes]) -> None:
         cutting = False  # inside the rest of an over-long line, which is dropped
         try:
             for raw in iter(lambda: pipe.readline(MAX_LINE_BYTES), b""):
@@ -499,7 +507,7 @@ class ProcessOwner:
 
     # -- state -----------------------------------------------------------------------
 
-    def __enter__(self):
+    def __enter__(self: _Owner) -> _Owner:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -141,7 +141,7 @@ def run_batch(
     batch = _Batch(generate, chat, config, fail_fast)
     results: List[Optional[BatchResult]] = [None] * len(prompts)
     with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="llamarocm-map") as pool:
-        futures: Dict[Future, int] = {pool.submit(batch.run_one, p): i for i, p in enumerate(prompts)}
+        futures: "Dict[Future[BatchResult], int]" = {pool.submit(batch.run_one, p): i for i, p in enumerate(prompts)}
         try:
             for done, future in enumerate(as_completed(futures), 1):
                 results[futures[future]] = future.result()

@@ -107,10 +107,12 @@ class Client:
         return self._call("POST", path, body)
 
     def props(self) -> Dict[str, Any]:
-        return self.get_json("/props")
+        props: Dict[str, Any] = self.get_json("/props")
+        return props
 
     def slots(self) -> List[Dict[str, Any]]:
-        return self.get_json("/slots")
+        slots: List[Dict[str, Any]] = self.get_json("/slots")
+        return slots
 
     def _call(self, method: str, path: str, body: Optional[Dict[str, Any]]) -> Any:
         timeout = self.request_timeout
@@ -160,7 +162,7 @@ def _body_reader(resp: http.client.HTTPResponse) -> Callable[[int], bytes]:
     if not resp.chunked:
         return resp.read1
     dechunker = Dechunker()
-    read_raw = resp.fp.read1  # type: ignore[union-attr]
+    read_raw = resp.fp.read1
 
     def read(n: int) -> bytes:
         while not dechunker.done:

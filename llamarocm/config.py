@@ -11,7 +11,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = ["GenerateConfig", "LoadConfig", "check_messages"]
 
@@ -137,7 +137,7 @@ def shown(value: Any) -> str:
     return repr(value)
 
 
-def check_optional(check, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+def check_optional(check: Callable[..., None], name: str, value: Any, *args: Any, **kwargs: Any) -> None:
     if value is not None:
         check(name, value, *args, **kwargs)
 
@@ -279,9 +279,9 @@ class GenerateConfig:
         """Build from a call's arguments (see :meth:`arguments_of`)."""
         return cls(**cls.arguments_of(call))
 
-    def sampling_fields(self) -> dict:
+    def sampling_fields(self) -> Dict[str, Any]:
         """The request fields for llama-server's native ``/completion``, set ones only."""
-        body: dict = {}
+        body: Dict[str, Any] = {}
         for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed"):
             value = getattr(self, name)
             if value is not None:
@@ -322,11 +322,11 @@ class LoadConfig:
     gpu_layers: GpuLayers = None
     parallel: int = 1
     threads: Optional[int] = None
-    devices: Optional[Tuple[int, ...]] = None
+    devices: Optional[Sequence[int]] = None
     server_path: Optional[Union[str, "os.PathLike[str]"]] = None
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
-    extra_args: Tuple[str, ...] = ()
-    rpc: Tuple[str, ...] = ()
+    extra_args: Sequence[str] = ()
+    rpc: Sequence[str] = ()
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
 
     def __post_init__(self) -> None:

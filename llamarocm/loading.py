@@ -92,10 +92,10 @@ def load_model(
         gpu_layers=gpu_layers,
         parallel=parallel,
         threads=threads,
-        devices=tuple(devices) if devices is not None and not isinstance(devices, (str, bytes)) else devices,
+        devices=devices,
         server_path=server_path,
         startup_timeout=startup_timeout,
-        extra_args=tuple(extra_args) if not isinstance(extra_args, str) else extra_args,
+        extra_args=extra_args,
         rpc=rpc_addresses,
         request_timeout=request_timeout,
     )
@@ -114,7 +114,7 @@ def load_model(
     server = Server(
         model_path,
         _server_args(cfg, ctx) + template_flags + embedding_flags,
-        server_path=cfg.server_path,
+        server_path=None if cfg.server_path is None else os.fspath(cfg.server_path),
         devices=cfg.devices,
         startup_timeout=cfg.startup_timeout,
         progress=progress,
@@ -256,7 +256,7 @@ def connect(url: str, api_key: Optional[str] = None, *, request_timeout: float =
                 f"no ready llama-server at {url} ({status or 'nothing answers there'})", None
             )
         props = client.props()
-        meta: dict = {}
+        meta: Dict[str, Any] = {}
         try:
             models = client.get_json("/v1/models").get("data") or []
             meta = (models[0].get("meta") or {}) if models else {}

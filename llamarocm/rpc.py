@@ -109,7 +109,8 @@ def _check_bindable(host: str, port: int) -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-            return sock.getsockname()[1]
+            bound: int = sock.getsockname()[1]
+            return bound
     except socket.gaierror as exc:
         raise ServerStartError(f"ggml-rpc-server cannot listen on {host!r}: {exc}") from exc
     except OSError as exc:

@@ -50,7 +50,8 @@ def _free_port() -> int:
     # process may take it in between: that case is detected and retried.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _read_progress(pid: int) -> "tuple[int, int]":

@@ -270,7 +270,8 @@ class TokenStream:
             raise StopIteration
         self._buffer = item
         self._index = 1
-        return item[0]
+        first: Token = item[0]
+        return first
 
     def _finish(self) -> None:
         self._finished = True

@@ -156,7 +156,7 @@ def _summary(opts: Options, points: List[Dict[str, Any]], skipped: List[Dict[str
     def at(slots: int, key: str) -> float:
         for p in points:
             if p["slots"] == slots and p["threads"] == opts.threads:
-                return p[key]["median"]
+                return float(p[key]["median"])
         raise KeyError(slots)
 
     out: Dict[str, Any] = {"points": points, "threads": opts.threads, "slots": list(opts.slots), "skipped": skipped}

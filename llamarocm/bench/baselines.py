@@ -161,7 +161,7 @@ def _health_ok(port: int) -> bool:
         conn.close()
 
 
-def _stop_process(proc: subprocess.Popen) -> None:
+def _stop_process(proc: "subprocess.Popen[bytes]") -> None:
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -98,7 +98,8 @@ def loadavg() -> Optional[List[float]]:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def package_version(name: str) -> Optional[str]:

@@ -18,7 +18,7 @@ def aggregate_met(aggregate: Dict[str, Any]) -> bool:
     The two ratios are compared at the precision the table shows (two decimals): a
     finer difference is far inside the figure's run-to-run spread (1-4 %).
     """
-    return round(aggregate["ours_ratio"], 2) >= round(aggregate["raw_ratio"], 2)
+    return bool(round(aggregate["ours_ratio"], 2) >= round(aggregate["raw_ratio"], 2))
 
 
 #: Each target of the table as a test of its figure's JSON: one definition for this
