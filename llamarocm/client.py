@@ -24,11 +24,13 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional
 from urllib.parse import urlsplit
 
-import requests
+if TYPE_CHECKING:
+    import requests
 
 from ._chunked import Dechunker
 from ._sse import ServerSentEvent, SSEDecoder
@@ -66,12 +68,27 @@ class Client:
         self._headers = {"Connection": "close"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._session = requests.Session()
-        self._session.trust_env = False
-        self._session.headers.update(self._headers)
+        self._session: "Optional[requests.Session]" = None
+        self._session_lock = threading.Lock()
+
+    def _plain_session(self) -> "requests.Session":
+        # requests takes ~45 ms to import, a third of `import llamarocm`: it is loaded
+        # with the first plain call instead (a stream never needs it).
+        with self._session_lock:
+            if self._session is None:
+                import requests
+
+                session = requests.Session()
+                session.trust_env = False
+                session.headers.update(self._headers)
+                self._session = session
+            return self._session
 
     def close(self) -> None:
-        self._session.close()
+        with self._session_lock:
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()
 
     # -- plain calls -------------------------------------------------------------
 
@@ -118,8 +135,11 @@ class Client:
         timeout = self.request_timeout
         data = None if body is None else _encode(body)
         started = time.monotonic()
+        import requests  # see _plain_session
+
+        session = self._plain_session()
         try:
-            resp = self._session.request(
+            resp = session.request(
                 method,
                 self.base_url + path,
                 data=data,

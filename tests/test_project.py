@@ -42,3 +42,17 @@ def test_runtime_dependencies_are_only_requests():
 def test_the_package_says_it_is_typed():
     assert os.path.exists(os.path.join(ROOT, "llamarocm", "py.typed"))
     assert 'llamarocm = ["py.typed"]' in _read("pyproject.toml")
+
+
+def test_import_stays_lean():
+    # requests (~45 ms) loads with the first plain call, the benchmarks with their
+    # command: neither is paid by a script that only imports the package.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llamarocm\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('requests', 'llamarocm.bench'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
