@@ -47,7 +47,13 @@ myst_enable_extensions = ["deflist"]
 
 root_doc = "index"
 exclude_patterns = ["_build"]
-nitpicky = False
+# Every reference must resolve (sphinx-build -n). The standard library's pages are not
+# reachable without a network (no intersphinx), so its names are taken as they are.
+nitpicky = True
+nitpick_ignore_regex = [
+    ("py:class", r"(os|collections\.abc|typing|subprocess|concurrent\.futures|logging|queue)\..*"),
+    ("py:obj", r"typing\..*"),
+]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"

@@ -251,7 +251,7 @@ class EventStream:
                 headers={**self._headers, "Content-Type": "application/json", "Accept": "text/event-stream"},
             )
             resp = self._conn.getresponse()
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             if self.cancelled:
                 return
             raise StreamTimeoutError(f"POST {self.path}: no answer within {self.idle_timeout} s") from exc
@@ -273,7 +273,7 @@ class EventStream:
         cancel ends the read quietly (``None``)."""
         try:
             return resp.read().decode("utf-8", "replace")
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             if self.cancelled:
                 return None
             raise StreamTimeoutError(
@@ -308,7 +308,7 @@ class EventStream:
             tail = decoder.flush()
             if tail:
                 yield tail
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             if self.cancelled:
                 return
             raise StreamTimeoutError(

@@ -354,7 +354,7 @@ def probe_worker(address: str) -> None:
     host, _, port = address.rpartition(":")
     try:
         sock = socket.create_connection((host, int(port)), timeout=RPC_PROBE_TIMEOUT)
-    except socket.timeout:
+    except TimeoutError:
         raise ServerStartError(
             f"RPC worker {address} did not accept a connection within {RPC_PROBE_TIMEOUT} s: it is unreachable, "
             "or busy serving another llama-server (a worker serves one at a time)"
@@ -375,7 +375,7 @@ def probe_worker(address: str) -> None:
             body = _recv_exactly(sock, length) if 3 <= length <= 4096 else None
         except ConnectionError:
             size = body = None
-        except socket.timeout:
+        except TimeoutError:
             raise ServerStartError(
                 f"RPC worker {address} accepts connections but did not answer within {RPC_PROBE_TIMEOUT} s: "
                 "it is serving another llama-server (a worker serves one at a time), or it is hung"

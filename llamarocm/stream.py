@@ -120,7 +120,7 @@ def _add_tokens(obj: Mapping[str, Any], out: List[Token]) -> None:
     if probs and len(probs) == len(ids):
         # With logprobs, build full tokens; the text stays on the last, as below.
         last = len(ids) - 1
-        for i, (token_id, p) in enumerate(zip(ids, probs)):
+        for i, (token_id, p) in enumerate(zip(ids, probs, strict=True)):
             tops = tuple(
                 TopLogprob(t.get("token", ""), t.get("id"), t.get("logprob")) for t in p.get("top_logprobs") or ()
             )

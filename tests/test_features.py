@@ -83,7 +83,8 @@ def test_embeddings(model_path, server_binary):
         assert len(cat) == llamarocm.read_metadata(model_path).embedding_length == 640
 
         def cosine(a, b):
-            return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+            dot = sum(x * y for x, y in zip(a, b, strict=True))
+            return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
         assert cosine(cat, kitten) > cosine(cat, tax)
         # Completions keep working beside embeddings.

@@ -54,7 +54,7 @@ def _pieces(data: bytes, requests: Cuts) -> list[bytes]:
         awkward[k % len(awkward)] if use_awkward and awkward else k % (len(data) + 1) for use_awkward, k in requests
     )
     bounds = [0, *positions, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def _bytewise(data: bytes) -> list[bytes]:

@@ -70,7 +70,7 @@ def figure_startup(opts: Options) -> Dict[str, Any]:
     pairs = [alternate(i, ours, lambda: raw_startup(argv, env)) for i in range(opts.startup_repeat)]
     ours_ms = [a * 1000 for a, _ in pairs]
     raw_ms = [b * 1000 for _, b in pairs]
-    overhead = [a - b for a, b in zip(ours_ms, raw_ms)]
+    overhead = [a - b for a, b in zip(ours_ms, raw_ms, strict=True)]
     # The part of ours that is our own work before the spawn, measured on its own: the
     # rest of the difference is noise in the load itself, and whatever readiness costs.
     header_ms = time_ms(lambda: llamarocm.read_metadata(opts.model), 5)
@@ -118,7 +118,7 @@ def figure_stream(opts: Options, model: llamarocm.Model) -> Dict[str, Any]:
         "ttft_ms": {
             "ours": stats(ours_ttft),
             "raw": stats(raw_ttft),
-            "overhead": stats([a - b for a, b in zip(ours_ttft, raw_ttft)]),
+            "overhead": stats([a - b for a, b in zip(ours_ttft, raw_ttft, strict=True)]),
             "max_tokens": ttft_tokens,
         },
         "decode_tok_s": _decode(opts, model, raw),
@@ -147,7 +147,7 @@ def _decode(opts: Options, model: llamarocm.Model, raw: RawTarget) -> Dict[str, 
         "ours": stats(ours_rate, 2),
         "raw": stats(raw_rate, 2),
         "ratio_of_medians": round(statistics.median(ours_rate) / statistics.median(raw_rate), 4),
-        "paired_ratio": stats([a / b for a, b in zip(ours_rate, raw_rate)], 4),
+        "paired_ratio": stats([a / b for a, b in zip(ours_rate, raw_rate, strict=True)], 4),
         "tokens": n,
         # What llama-server itself measured for the same streams: a client that stole
         # CPU from the server would show here too.

@@ -106,10 +106,10 @@ def print_columns(header: Sequence[str], rows: Sequence[Sequence[str]], out: Any
     """``rows`` of strings under ``header``, left-aligned in columns as wide as their widest cell."""
     out = out or sys.stdout
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)), file=out)
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=out)
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)), file=out)
 
 
 def plot_aggregate(aggregate: Dict[str, Any], path: str, title: str) -> Optional[str]:
