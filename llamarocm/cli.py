@@ -15,7 +15,7 @@ import logging
 import os
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional, TextIO, Tuple, TypeAlias, Union
 
 import llamarocm
 
@@ -25,16 +25,26 @@ from .config import GenerateConfig, LoadConfig
 from .rpc import DEFAULT_STARTUP_TIMEOUT as WORKER_STARTUP_TIMEOUT
 from .rpc import check_worker_arguments
 
-EXAMPLES = {
-    "generate": 'llamarocm generate "Once upon a time" --max-tokens 64',
-    "chat": "llamarocm chat --model ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf",
-    "models": "llamarocm models ~/models --recursive",
-    "info": "llamarocm info ~/models/gemma-3-270m-q4_k_m.gguf --json",
-    "vram": "llamarocm vram --json",
-    "rpc-worker": "llamarocm rpc-worker --port 50052",
-    "bench": "llamarocm bench --model ~/models/gemma-3-4b-it-Q4_K_M.gguf --gpu-layers all",
-    "setup": "llamarocm setup",
+#: Each command's examples, shown at the end of its ``--help`` (all of them in ``llamarocm --help``).
+EXAMPLES: Dict[str, Tuple[str, ...]] = {
+    "generate": (
+        'llamarocm generate "Once upon a time" --max-tokens 64',
+        'llamarocm generate "A person, as JSON:" --json-schema person.json --max-tokens 128 --temperature 0',
+    ),
+    "chat": ("llamarocm chat --model ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf --gpu-layers all --devices 0",),
+    "models": ("llamarocm models ~/models --recursive",),
+    "info": ("llamarocm info ~/models/gemma-3-270m-q4_k_m.gguf --json",),
+    "vram": ("llamarocm vram --json",),
+    "rpc-worker": ("llamarocm rpc-worker --port 50052",),
+    "bench": ("llamarocm bench --model ~/models/gemma-3-4b-it-Q4_K_M.gguf --gpu-layers all",),
+    "setup": ("llamarocm setup",),
 }
+
+# Only the llamarocm loggers go to stderr: with --debug, llama-server's output
+# (llamarocm.server) and each request (llamarocm.http), without every other library's
+# debug output that a DEBUG root logger would add.
+_LOGGER = "llamarocm"
+_LOG_FORMAT = "%(name)s: %(message)s"
 
 # llama.cpp's own build runs one compiler per core with no limit unless told;
 # each takes up to ~1 GB, so the source build is capped.
@@ -49,7 +59,26 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _load_progress():
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The command's log handler; a class of its own so that a second ``main()`` in the
+    same process (tests, an embedding program) replaces it instead of adding another."""
+
+
+def _configure_logging(debug: bool) -> None:
+    """Warnings of the ``llamarocm`` loggers on stderr, or with ``debug`` everything."""
+    logger = logging.getLogger(_LOGGER)
+    for old in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(old)
+    handler = _StderrHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+_ProgressDisplay = Callable[[float, str], None]
+
+
+def _load_progress() -> Optional[_ProgressDisplay]:
     """A one-line progress display on stderr while a model loads, when stderr is a
     terminal (nothing when it is a pipe or a file: logs stay clean)."""
     if not sys.stderr.isatty():
@@ -75,6 +104,50 @@ def _model_path(given: Optional[str]) -> str:
 # stand-in, so a usage error never waits for that.
 _EMBEDDED_MODEL_STAND_IN = "embedded-model.gguf"
 
+# generate() / chat() settings passed only when given, so the library's (and the
+# server's) defaults apply otherwise.
+_OPTIONAL_SETTINGS = ("temperature", "top_k", "top_p", "seed", "json_schema")
+
+
+def _device_list(text: str) -> List[int]:
+    """``--devices``: comma-separated GPU indices (ranges are checked with the rest)."""
+    try:
+        devices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU indices such as 0,1, got {text!r}") from None
+    return devices
+
+
+def _gpu_layers(text: str) -> Union[int, str]:
+    """``--gpu-layers``: ``auto``, ``all`` or a number of layers (-1: all, as llama.cpp
+    writes it); the number's range is checked by LoadConfig with the other options."""
+    if text in ("auto", "all"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, all or a number of layers (-1: all), got {text!r}") from None
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    # json accepts NaN and Infinity, which are not JSON and which llama-server refuses.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _json_schema_file(path: str) -> Dict[str, Any]:
+    """``--json-schema FILE``: the JSON Schema object in ``path``. Read while the command
+    line is parsed, so a missing, unreadable or malformed file is a usage error naming it."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as file:
+            schema = json.load(file, parse_constant=_refuse_constant)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or bad UTF-8 are both ValueErrors
+        raise argparse.ArgumentTypeError(f"{path!r} is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError(f"{path!r} must hold a JSON object (a JSON Schema), not {schema!r:.40}")
+    return schema
+
 
 def _rpc_addresses(args: argparse.Namespace) -> List[str]:
     # llama-server's own syntax (one comma-separated list) is accepted too.
@@ -84,23 +157,29 @@ def _rpc_addresses(args: argparse.Namespace) -> List[str]:
 def _generation_options(args: argparse.Namespace) -> Dict[str, Any]:
     """``generate()`` / ``chat()`` keyword arguments from the command line."""
     options: Dict[str, Any] = {"max_tokens": args.max_tokens}
-    if args.temperature is not None:
-        options["temperature"] = args.temperature
-    if args.seed is not None:
-        options["seed"] = args.seed
+    options.update({name: getattr(args, name) for name in _OPTIONAL_SETTINGS if getattr(args, name) is not None})
+    if args.stop:
+        options["stop"] = list(args.stop)
     return options
+
+
+def _load_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """``load_model()`` keyword arguments from the command line, but the model path and
+    the progress display; ``None`` is each option's default."""
+    return {
+        "context_length": args.context_length,
+        "gpu_layers": args.gpu_layers,
+        "devices": args.devices,
+        "server_path": args.server,
+        "rpc": _rpc_addresses(args),
+    }
 
 
 def _check_generation_options(args: argparse.Namespace) -> None:
     """Build the configs ``generate`` and ``chat`` will use, so a bad option is a usage
     error before a model is found, assembled or loaded."""
     GenerateConfig.from_kwargs(_generation_options(args))
-    LoadConfig(
-        args.model if args.model is not None else _EMBEDDED_MODEL_STAND_IN,
-        context_length=args.context_length,
-        server_path=args.server,
-        rpc=tuple(_rpc_addresses(args)),
-    )
+    LoadConfig(args.model if args.model is not None else _EMBEDDED_MODEL_STAND_IN, **_load_options(args))
 
 
 def _check_worker_options(args: argparse.Namespace) -> None:
@@ -111,13 +190,7 @@ def _check_worker_options(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace) -> llamarocm.Model:
     """The model of ``generate`` and ``chat``: their shared loading options."""
-    return llamarocm.load_model(
-        _model_path(args.model),
-        server_path=args.server,
-        context_length=args.context_length,
-        rpc=_rpc_addresses(args),
-        progress=_load_progress(),
-    )
+    return llamarocm.load_model(_model_path(args.model), progress=_load_progress(), **_load_options(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -151,13 +224,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def chat_loop(model: "llamarocm.Model", read_line, out, *, system: Optional[str] = None, **options) -> List[dict]:
+def chat_loop(
+    model: "llamarocm.Model",
+    read_line: Callable[[], str],
+    out: TextIO,
+    *,
+    system: Optional[str] = None,
+    **options: Any,
+) -> List[Dict[str, str]]:
     """The REPL: read a line, stream the reply, keep the history; return the history.
 
     ``/reset`` clears the history (keeping the system message), ``/exit`` or end of
     input quits, Ctrl-C during a reply stops that reply only.
     """
-    history: List[dict] = [{"role": "system", "content": system}] if system else []
+    history: List[Dict[str, str]] = [{"role": "system", "content": system}] if system else []
     kept = len(history)
     while True:
         try:
@@ -188,9 +268,10 @@ def chat_loop(model: "llamarocm.Model", read_line, out, *, system: Optional[str]
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
-def _size(n: Optional[int]) -> str:
-    if n is None:
+def _size(size: Optional[int]) -> str:
+    if size is None:
         return "-"
+    n = float(size)
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -223,7 +304,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -252,7 +333,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     width = max(len(k) for k in fields)
     for key, value in fields.items():
-        shown = _size(value) if key == "file_size" else ("-" if value is None else value)
+        shown = _size(meta.file_size) if key == "file_size" else ("-" if value is None else value)
         print(f"{key.ljust(width)}  {shown}")
     return 0
 
@@ -270,15 +351,6 @@ def cmd_vram(args: argparse.Namespace) -> int:
         mem = g.memory
         print(f"{g.index}: {g.name} ({kind}) {_size(mem.used)} used of {_size(mem.total)}, {_size(mem.free)} free")
     return 0
-
-
-def _device_list(text: str) -> List[int]:
-    """``--devices``: comma-separated GPU indices (ranges are checked with the rest)."""
-    try:
-        devices = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated GPU indices such as 0,1, got {text!r}") from None
-    return devices
 
 
 def cmd_rpc_worker(args: argparse.Namespace) -> int:
@@ -331,74 +403,94 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llamarocm",
-        description="Run GGUF models through llama.cpp's llama-server.",
-        epilog="Examples:\n  " + "\n  ".join(EXAMPLES.values()),
+_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_command(
+    sub: _Subparsers, name: str, help_text: str, *, server: Optional[str] = "llama-server"
+) -> argparse.ArgumentParser:
+    """A subcommand with its examples and ``--debug``; ``--server PATH`` only when it runs
+    a ``server`` binary (a command that would ignore the option refuses it)."""
+    examples = EXAMPLES[name]
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=("Example:" if len(examples) == 1 else "Examples:") + "".join(f"\n  {e}" for e in examples),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"llamarocm {llamarocm.__version__}")
-    parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    # Also accepted after the command. SUPPRESS: left out, it must not reset the value
+    # that ``llamarocm --debug COMMAND`` set on the main parser.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="log details and show tracebacks")
+    if server is not None:
+        p.add_argument("--server", metavar="PATH", help=f"{server} binary (default: searched)")
+    # Usage errors name the subcommand's own usage.
+    p.set_defaults(usage_parser=p, check_options=None)
+    return p
 
-    def add(name: str, help_text: str, program: str = "llama-server") -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=f"Example:\n  {EXAMPLES[name]}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.add_argument("--server", metavar="PATH", help=f"{program} binary (default: searched)")
-        # Usage errors name the subcommand's own usage.
-        p.set_defaults(usage_parser=p, check_options=None)
-        return p
 
-    def add_loading(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", metavar="PATH", help="GGUF file (default: the embedded Gemma 3 270M)")
-        p.add_argument("--context-length", type=int, metavar="N")
-        p.add_argument("--rpc", action="append", metavar="HOST:PORT",
-                       help="an RPC worker (llamarocm rpc-worker) to put layers on; repeat, or list with commas")
+def _add_generation_options(p: argparse.ArgumentParser, *, max_tokens: int) -> None:
+    """The loading and sampling options ``generate`` and ``chat`` share."""
+    p.add_argument("--model", metavar="PATH", help="GGUF file (default: the embedded Gemma 3 270M)")
+    p.add_argument("--context-length", type=int, metavar="N", help="tokens of context (default: the model's, <= 4096)")
+    p.add_argument("--gpu-layers", type=_gpu_layers, metavar="N|all|auto",
+                   help="layers to put on the GPU: a number, all (or -1), or auto to fit memory (default)")
+    p.add_argument("--devices", type=_device_list, metavar="LIST",
+                   help="GPU indices to use, e.g. 0,1 (default: every discrete GPU)")
+    p.add_argument("--rpc", action="append", metavar="HOST:PORT",
+                   help="an RPC worker (llamarocm rpc-worker) to put layers on; repeat, or list with commas")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                   help=f"at most N tokens (default {max_tokens})")
+    p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (0: the likeliest token)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample among the likeliest tokens totalling P (0 to 1)")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed, for repeatable sampling")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text; repeat for several")
+    p.add_argument("--json-schema", type=_json_schema_file, metavar="FILE",
+                   help="a JSON Schema file the output must follow")
+    p.set_defaults(check_options=_check_generation_options)
 
-    gen = add("generate", "Stream a completion of PROMPT to stdout.")
+
+def _add_generate(sub: _Subparsers) -> None:
+    gen = _add_command(sub, "generate", "Stream a completion of PROMPT to stdout.")
     gen.add_argument("prompt")
-    add_loading(gen)
-    gen.add_argument("--max-tokens", type=int, default=64, metavar="N")
-    gen.add_argument("--temperature", type=float, metavar="T")
-    gen.add_argument("--seed", type=int)
+    _add_generation_options(gen, max_tokens=64)
     gen.add_argument("-v", "--verbose", action="store_true", help="print metrics on stderr")
-    gen.set_defaults(func=cmd_generate, check_options=_check_generation_options)
+    gen.set_defaults(func=cmd_generate)
 
-    chat = add("chat", "Chat with a model in the terminal, keeping the conversation's history.")
-    add_loading(chat)
+
+def _add_chat(sub: _Subparsers) -> None:
+    chat = _add_command(sub, "chat", "Chat with a model in the terminal, keeping the conversation's history.")
+    _add_generation_options(chat, max_tokens=256)
     chat.add_argument("--system", metavar="TEXT", help="a system message to start with")
-    chat.add_argument("--max-tokens", type=int, default=256, metavar="N", help="longest reply (default 256)")
-    chat.add_argument("--temperature", type=float, metavar="T")
-    chat.add_argument("--seed", type=int)
-    chat.set_defaults(func=cmd_chat, check_options=_check_generation_options)
+    chat.set_defaults(func=cmd_chat)
 
-    models = add("models", "List the GGUF models in FOLDER (default: the current folder).")
+
+def _add_file_commands(sub: _Subparsers) -> None:
+    """The commands that only read files or sysfs: no server, so no ``--server``."""
+    models = _add_command(sub, "models", "List the GGUF models in FOLDER (default: the current folder).", server=None)
     models.add_argument("folder", nargs="?", default=".")
     models.add_argument("-r", "--recursive", action="store_true", help="look in subfolders too")
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(func=cmd_models)
 
-    info = add("info", "Print a GGUF file's metadata (default: the embedded model).")
+    info = _add_command(sub, "info", "Print a GGUF file's metadata (default: the embedded model).", server=None)
     info.add_argument("model", nargs="?", metavar="FILE")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
-    vram = add("vram", "Show the AMD GPUs and their memory (from sysfs).")
+    vram = _add_command(sub, "vram", "Show the AMD GPUs and their memory (from sysfs).", server=None)
     vram.add_argument("--json", action="store_true", help="print JSON")
     vram.set_defaults(func=cmd_vram)
 
-    rpc = add(
+
+def _add_rpc_worker(sub: _Subparsers) -> None:
+    rpc = _add_command(
+        sub,
         "rpc-worker",
         "Run a llama.cpp RPC worker (ggml-rpc-server) that a model on another machine can "
         "offload layers to (load_model(..., rpc=['HOST:PORT'])). It has no authentication.",
-        program="ggml-rpc-server",
+        server="ggml-rpc-server",
     )
     rpc.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     rpc.add_argument("--port", type=int, default=50052, help="port (default 50052; 0 picks a free one)")
@@ -408,20 +500,40 @@ def build_parser() -> argparse.ArgumentParser:
                      help="listen on a non-loopback address (trusted networks only: no authentication)")
     rpc.set_defaults(func=cmd_rpc_worker, check_options=_check_worker_options)
 
-    bench = add("bench", "Measure what llamarocm adds on top of llama-server (the bench extra helps).")
+
+def _add_bench(sub: _Subparsers) -> None:
+    bench = _add_command(sub, "bench", "Measure what llamarocm adds on top of llama-server (the bench extra helps).")
     # Only the bench command line: its measuring modules load when it runs.
     from .bench import command as bench_command
 
     bench_command.add_arguments(bench, server=False)
     bench.set_defaults(func=bench_command.run_args)
 
-    setup = add(
+
+def _add_setup(sub: _Subparsers) -> None:
+    setup = _add_command(
+        sub,
         "setup",
         "Check that llama-server runs on this machine; if the prebuilt build cannot "
         "(SIGILL on this CPU), build one from source with pip.",
     )
     setup.add_argument("--check", action="store_true", help="only check, never build")
     setup.set_defaults(func=cmd_setup)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llamarocm",
+        description="Run GGUF models through llama.cpp's llama-server.",
+        epilog="Examples:\n  " + "\n  ".join(e for examples in EXAMPLES.values() for e in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llamarocm {llamarocm.__version__}")
+    parser.add_argument("--debug", action="store_true", help="log details and show tracebacks (also after COMMAND)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_generate, _add_chat, _add_file_commands, _add_rpc_worker, _add_bench, _add_setup):
+        add(sub)
     return parser
 
 
@@ -439,10 +551,11 @@ def _check_options(args: argparse.Namespace) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="llamarocm: %(message)s")
+    _configure_logging(args.debug)
     _check_options(args)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except KeyboardInterrupt:
         _stderr("interrupted")
         return 130

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 import llamarocm
-from llamarocm.cli import chat_loop, main
+from llamarocm.cli import EXAMPLES, build_parser, chat_loop, main
 
+# The integration tests start real servers; every other test here takes milliseconds.
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def llamarocm_logger_restored():
+    """main() configures the ``llamarocm`` logger (level, a stderr handler); put it back,
+    so no other test sees that handler or its level."""
+    logger = logging.getLogger("llamarocm")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    yield logger
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
 
 
 def test_help_has_an_example(capsys):
@@ -222,6 +237,29 @@ def nothing_starts(monkeypatch):
         (["chat", "--max-tokens", "0"], "max_tokens"),
         (["chat", "--temperature", "nan"], "temperature"),
         (["chat", "--context-length", str(2**30)], "context_length"),
+        (["generate", "x", "--gpu-layers", "some"], "--gpu-layers"),
+        (["generate", "x", "--gpu-layers", "1.5"], "--gpu-layers"),
+        (["generate", "x", "--gpu-layers", "-2"], "gpu_layers"),
+        (["generate", "x", "--gpu-layers", "100001"], "gpu_layers"),
+        (["generate", "x", "--devices", "a"], "comma-separated GPU indices"),
+        (["generate", "x", "--devices", ""], "comma-separated GPU indices"),
+        (["generate", "x", "--devices", "0,-1"], "device index"),
+        (["generate", "x", "--top-p", "1.5"], "top_p"),
+        (["generate", "x", "--top-p", "nan"], "top_p"),
+        (["generate", "x", "--top-p", "most"], "--top-p"),
+        (["generate", "x", "--top-k", "-1"], "top_k"),
+        (["generate", "x", "--top-k", "2.5"], "--top-k"),
+        (["generate", "x", "--top-k", str(2**31)], "top_k"),
+        (["generate", "x", "--stop", ""], "stop strings"),
+        (["generate", "x", "--seed", "lucky"], "--seed"),
+        (["generate", "x", "--seed", str(2**32)], "seed"),
+        (["chat", "--gpu-layers", "many"], "--gpu-layers"),
+        (["chat", "--devices", "0,x"], "comma-separated GPU indices"),
+        (["chat", "--devices", "1024"], "device index"),
+        (["chat", "--top-p", "-0.1"], "top_p"),
+        (["chat", "--top-k", "-5"], "top_k"),
+        (["chat", "--stop", "User:", "--stop", ""], "stop strings"),
+        (["chat", "--seed", "-1"], "seed"),
         (["rpc-worker", "--devices", "a"], "comma-separated GPU indices"),
         (["rpc-worker", "--devices", "0,,1"], "comma-separated GPU indices"),
         (["rpc-worker", "--devices", "-1"], "device index"),
@@ -238,16 +276,199 @@ def test_bad_options_are_usage_errors_before_anything_starts(nothing_starts, cap
     assert "usage:" in err and words in err and "Traceback" not in err
 
 
-def test_good_options_reach_load_model_and_generate(monkeypatch, capsys):
-    seen = {}
+class FakeStream:
+    """What the commands use of a TokenStream: iteration, a with block, close()."""
 
-    def fake_load_model(path, **kwargs):
-        seen.update(kwargs, path=path)
-        raise llamarocm.ServerStartError("stop here")
+    metrics = None
+    finish_reason = "stop"
 
-    monkeypatch.setattr("llamarocm.load_model", fake_load_model)
-    args = ["generate", "x", "--model", "m.gguf", "--max-tokens", "5", "--temperature", "0.5",
-            "--context-length", "256"]
-    assert main(args) == 1
-    assert seen["path"] == "m.gguf" and seen["context_length"] == 256
-    assert "stop here" in capsys.readouterr().err
+    def __init__(self, text: str) -> None:
+        self.tokens = [SimpleNamespace(text=text)]
+
+    def __iter__(self):
+        return iter(self.tokens)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class FakeModel:
+    """A loaded model that records each generate() / chat() call."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def generate(self, prompt, **kwargs):
+        self.calls.append(("generate", prompt, kwargs))
+        return FakeStream("generated")
+
+    def chat(self, messages, **kwargs):
+        self.calls.append(("chat", [dict(m) for m in messages], kwargs))
+        return FakeStream("replied")
+
+
+@pytest.fixture
+def fake_load(monkeypatch):
+    """``llamarocm.load_model`` replaced: each call is recorded as ``(path, kwargs)`` in
+    ``loads`` and returns ``model``, a FakeModel."""
+    recorder = SimpleNamespace(loads=[], model=FakeModel())
+
+    def load_model(path, **kwargs):
+        recorder.loads.append((path, kwargs))
+        return recorder.model
+
+    monkeypatch.setattr("llamarocm.load_model", load_model)
+    return recorder
+
+
+@pytest.fixture
+def schema_file(tmp_path):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    path = tmp_path / "person.json"
+    path.write_text(json.dumps(schema), encoding="utf-8")
+    return str(path), schema
+
+
+def test_generate_options_reach_load_model_and_generate(fake_load, schema_file, capsys):
+    schema_path, schema = schema_file
+    argv = ["generate", "x", "--model", "m.gguf", "--server", "/opt/llama-server", "--context-length", "256",
+            "--gpu-layers", "all", "--devices", "0,1", "--rpc", "a:1", "--max-tokens", "5", "--temperature", "0",
+            "--top-k", "40", "--top-p", "0.9", "--seed", "7", "--stop", "\n\n", "--stop", "END",
+            "--json-schema", schema_path]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == "generated\n"
+    [(path, load)] = fake_load.loads
+    assert path == "m.gguf"
+    assert load == {"context_length": 256, "gpu_layers": "all", "devices": [0, 1], "server_path": "/opt/llama-server",
+                    "rpc": ["a:1"], "progress": None}
+    [(kind, prompt, options)] = fake_load.model.calls
+    assert (kind, prompt) == ("generate", "x")
+    assert options == {"max_tokens": 5, "temperature": 0.0, "top_k": 40, "top_p": 0.9, "seed": 7,
+                       "stop": ["\n\n", "END"], "json_schema": schema}
+
+
+def test_unset_options_are_left_to_the_library(fake_load, capsys):
+    assert main(["generate", "x", "--model", "m.gguf"]) == 0
+    [(_, load)] = fake_load.loads
+    assert load["gpu_layers"] is None and load["devices"] is None and load["server_path"] is None
+    assert fake_load.model.calls[0][2] == {"max_tokens": 64}
+
+
+def test_chat_options_reach_load_model_and_chat(fake_load, schema_file, capsys, monkeypatch):
+    schema_path, schema = schema_file
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/exit\n"))
+    argv = ["chat", "--model", "m.gguf", "--system", "Be brief.", "--gpu-layers", "5", "--devices", "1",
+            "--top-k", "3", "--top-p", "0.5", "--seed", "0", "--stop", "User:", "--json-schema", schema_path]
+    assert main(argv) == 0
+    assert "replied" in capsys.readouterr().out
+    [(_, load)] = fake_load.loads
+    assert load["gpu_layers"] == 5 and load["devices"] == [1]
+    [(kind, messages, options)] = fake_load.model.calls
+    assert kind == "chat"
+    assert messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    assert options == {"max_tokens": 256, "top_k": 3, "top_p": 0.5, "seed": 0, "stop": ["User:"],
+                       "json_schema": schema}
+
+
+@pytest.mark.parametrize("given, passed", [("auto", "auto"), ("all", "all"), ("-1", -1), ("0", 0), ("12", 12)])
+def test_gpu_layers_spellings(fake_load, capsys, given, passed):
+    assert main(["generate", "x", "--model", "m.gguf", "--gpu-layers", given]) == 0
+    assert fake_load.loads[0][1]["gpu_layers"] == passed
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (None, "No such file"),
+        ("", "is not valid JSON"),
+        ("{not json", "is not valid JSON"),
+        ('{"type": "number", "maximum": NaN}', "is not valid JSON"),
+        (b"\xff\xfe{}", "is not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+    ],
+)
+@pytest.mark.parametrize("command", [["generate", "x"], ["chat"]])
+def test_bad_json_schema_file_is_a_usage_error_naming_it(nothing_starts, tmp_path, capsys, command, content, words):
+    path = tmp_path / "schema.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(SystemExit) as info:
+        main(command + ["--json-schema", str(path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--json-schema" in err and str(path) in err and words in err and "Traceback" not in err
+
+
+def test_json_schema_folder_is_a_usage_error(nothing_starts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "x", "--json-schema", str(tmp_path)])
+    assert info.value.code == 2
+    assert f"cannot read {str(tmp_path)!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["models", "."], ["info", "m.gguf"], ["vram"]])
+def test_commands_without_a_server_refuse_server(nothing_starts, monkeypatch, capsys, argv):
+    monkeypatch.setattr("llamarocm.list_devices", lambda: pytest.fail("the command must not run"))
+    with pytest.raises(SystemExit) as info:
+        main(argv + ["--server", "/opt/llama-server"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --server" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["generate", "x"], ["chat"], ["rpc-worker"], ["bench"], ["setup"]])
+def test_commands_that_start_a_server_take_server(argv):
+    assert build_parser().parse_args(argv + ["--server", "/opt/bin"]).server == "/opt/bin"
+
+
+@pytest.mark.parametrize("argv", [["--debug", "vram"], ["vram", "--debug"], ["--debug", "vram", "--debug"]])
+def test_debug_before_or_after_the_command_logs_to_stderr(monkeypatch, capsys, llamarocm_logger_restored, argv):
+    monkeypatch.setattr("llamarocm.list_devices", lambda: [])
+    assert main(argv) == 0
+    assert llamarocm_logger_restored.getEffectiveLevel() == logging.DEBUG
+    logging.getLogger("llamarocm.server").debug("a line of llama-server's output")
+    logging.getLogger("llamarocm.http").debug("GET /health -> 200")
+    err = capsys.readouterr().err
+    assert "llamarocm.server: a line of llama-server's output" in err
+    assert "llamarocm.http: GET /health -> 200" in err
+
+
+def test_without_debug_only_warnings_are_shown(monkeypatch, capsys, llamarocm_logger_restored):
+    monkeypatch.setattr("llamarocm.list_devices", lambda: [])
+    assert main(["--debug", "vram"]) == 0
+    assert main(["vram"]) == 0  # a second run replaces the first one's handler
+    assert llamarocm_logger_restored.getEffectiveLevel() == logging.WARNING
+    logging.getLogger("llamarocm.server").debug("hidden")
+    logging.getLogger("llamarocm").warning("shown once")
+    err = capsys.readouterr().err
+    assert "hidden" not in err and err.count("llamarocm: shown once") == 1
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_debug_shows_the_traceback(tmp_path, capsys, position):
+    command = ["generate", "hi", "--model", str(tmp_path / "missing.gguf")]
+    argv = ["--debug"] + command if position == "before" else command + ["--debug"]
+    with pytest.raises(llamarocm.ModelNotFoundError):
+        main(argv)
+
+
+@pytest.mark.parametrize("command", sorted(EXAMPLES))
+def test_each_help_shows_its_examples(capsys, command):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(example in out for example in EXAMPLES[command])
