@@ -123,21 +123,14 @@ ServerSentEvent(event='message', data='[DONE]', id=None, retry=None)]
         >>> SSEDecoder().feed(b"event: ping\\ndata: 1\\n\\ndata: 2")
         [ServerSentEvent(event='ping', data='1', id=None, retry=None)]
         """
+        # This runs once per network read of every token stream, so the common case (a
+        # whole event in one chunk, data lines and blank lines only) stays in this one
+        # frame; what is rare goes to helpers: a line left over from the last chunk,
+        # the stream's first line, and fields other than ``data``.
+        if self._skip_lf or self._pending or self._at_start:
+            chunk = self._resume(chunk)
         if not chunk:
             return []
-        if self._skip_lf:
-            self._skip_lf = False
-            if chunk[0] == _LF:
-                chunk = chunk[1:]
-                if not chunk:
-                    return []
-        pending = self._pending
-        if pending:
-            pending.append(chunk)
-            if b"\n" not in chunk and b"\r" not in chunk:
-                return []
-            chunk = b"".join(pending)
-            self._pending = pending = []
 
         # bytes.splitlines breaks on exactly CR, LF and CRLF, the spec's three line
         # endings (str.splitlines would also break on U+2028 and friends).
@@ -146,49 +139,82 @@ ServerSentEvent(event='message', data='[DONE]', id=None, retry=None)]
         if last == _CR:
             self._skip_lf = True
         elif last != _LF:
-            pending.append(lines.pop())
+            self._pending.append(lines.pop())
             if not lines:
                 return []
-
-        if self._at_start:
-            self._at_start = False
-            if lines[0].startswith(_BOM):
-                lines[0] = lines[0][3:]
 
         events: list[ServerSentEvent] = []
         data = self._data
         for line in lines:
-            if not line:
+            # Every llama-server token is a "data: " line: take it without partitioning.
+            if line[:6] == b"data: ":
+                data.append(line[6:])
+            elif not line:
                 if data:
                     events.append(self._dispatch(data))
                     data = self._data = []
                 else:
-                    self._event = None
-                    self._is_error = False
-                    self._retry = None
-                continue
-            # A line without a colon is a field name with an empty value; one starting
-            # with a colon has an empty name: a comment, such as a keep-alive ping.
-            name, _, value = line.partition(b":")
-            if value[:1] == b" ":
-                value = value[1:]
-            if name == b"data":
-                data.append(value)
-            elif not name:
-                continue
-            elif name == b"event":
-                self._event = value
-            elif name == b"error":
-                data.append(value)
-                self._is_error = True
-            elif name == b"id" and b"\0" not in value:
-                self._last_id = value.decode("utf-8", "replace")
-            elif name == b"retry" and value.isdigit():
-                # bytes.isdigit accepts ASCII digits only, as the spec requires; int()
-                # still refuses absurdly long numbers (CPython's int_max_str_digits).
-                with contextlib.suppress(ValueError):
-                    self._retry = int(value)
+                    self._clear_fields()
+            else:
+                self._field(line)
         return events
+
+    def _resume(self, chunk: bytes) -> bytes:
+        """``chunk`` with what the previous chunks left undone applied to it.
+
+        Drops an LF that completes a CRLF split across chunks, prepends the pieces of an
+        unfinished line and strips the stream's byte order mark. Returns ``b""`` when
+        there is no complete line yet (the chunk is then held in ``_pending``).
+        """
+        if not chunk:
+            return chunk
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[0] == _LF:
+                chunk = chunk[1:]
+                if not chunk:
+                    return chunk
+        pending = self._pending
+        if pending:
+            pending.append(chunk)
+            if b"\n" not in chunk and b"\r" not in chunk:
+                return b""
+            chunk = b"".join(pending)
+            self._pending = []
+        # The BOM can only be judged once the first line is whole: it may arrive split.
+        if self._at_start and (b"\n" in chunk or b"\r" in chunk):
+            self._at_start = False
+            if chunk.startswith(_BOM):
+                chunk = chunk[3:]
+        return chunk
+
+    def _field(self, line: bytes) -> None:
+        """Apply a non-blank line other than ``data: ...`` to the event being built."""
+        # A line without a colon is a field name with an empty value; one starting
+        # with a colon has an empty name: a comment, such as a keep-alive ping.
+        name, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value
+        elif name == b"error":
+            self._data.append(value)
+            self._is_error = True
+        elif name == b"id" and b"\0" not in value:
+            self._last_id = value.decode("utf-8", "replace")
+        elif name == b"retry" and value.isdigit():
+            # bytes.isdigit accepts ASCII digits only, as the spec requires; int()
+            # still refuses absurdly long numbers (CPython's int_max_str_digits).
+            with contextlib.suppress(ValueError):
+                self._retry = int(value)
+        # Anything else, comments (an empty name) included, is ignored, as the spec says.
+
+    def _clear_fields(self) -> None:
+        # The last event ID deliberately survives: the spec makes it stream state.
+        self._event = self._retry = None
+        self._is_error = False
 
     def _dispatch(self, data: list[bytes]) -> ServerSentEvent:
         event = self._event
@@ -198,14 +224,11 @@ ServerSentEvent(event='message', data='[DONE]', id=None, retry=None)]
             event_type = event.decode("utf-8", "replace")
         else:
             event_type = "message"
-        event_data = (data[0] if len(data) == 1 else b"\n".join(data)).decode(
-            "utf-8", "replace"
-        )
+        event_data = (data[0] if len(data) == 1 else b"\n".join(data)).decode("utf-8", "replace")
         sse = ServerSentEvent(event_type, event_data, self._last_id, self._retry)
-        # The last event ID deliberately survives: the spec makes it stream state.
-        self._event = None
+        # _clear_fields() inlined: this runs once per token.
+        self._event = self._retry = None
         self._is_error = False
-        self._retry = None
         return sse
 
     def flush(self) -> list[ServerSentEvent]:

@@ -23,7 +23,8 @@ DOC = PACKAGE.parent / "docs" / "how-it-works.rst"
 #: subpackage (``bench``) form one unit, free to import each other without a cycle.
 LAYERS: List[List[str]] = [
     ["errors"],
-    ["config", "_sse", "_chunked", "chat_templates", "_binaries", "_default_model"],
+    ["config", "_sse", "_chunked", "chat_templates", "_binaries", "_default_model", "_gguf_values", "_gpu_topology"],
+    ["_gguf_header"],
     ["gguf", "devices"],
     ["client", "_process"],
     ["server", "rpc", "stream"],

@@ -37,7 +37,7 @@ def test_one_byte_at_a_time_and_random_splits():
     rng = random.Random(7)
     for _ in range(200):
         cuts = sorted(rng.sample(range(1, len(raw)), rng.randint(1, 10)))
-        parts = [raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])]
+        parts = [raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)], strict=True)]
         assert _decode(parts) == (b"".join(BODY), True)
 
 

@@ -23,6 +23,8 @@ from typing import Any, Optional, Sequence
 
 import pytest
 
+import llamarocm._gguf_header as gguf_header_module
+import llamarocm._gguf_values as gguf_values_module
 import llamarocm.gguf as gguf_module
 from llamarocm.errors import GGUFError, ModelNotFoundError
 from llamarocm.gguf import (
@@ -715,7 +717,7 @@ def test_reads_what_gguf_py_writes(tmp_path: Path) -> None:
     assert meta.kv["test.ints"].tolist() == [1, 2, 3]
     assert meta.parameters == 17
     assert [(t.name, t.shape, t.type) for t in meta.tensors] == [("w", (4, 3), 0), ("v", (5,), 1)]
-    for ours, theirs in zip(meta.tensors, reader.tensors):
+    for ours, theirs in zip(meta.tensors, reader.tensors, strict=True):
         assert meta.data_offset + ours.offset == theirs.data_offset
         assert ours.nbytes == theirs.n_bytes
 
@@ -839,8 +841,9 @@ def test_discover_with_gguf_py_split(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- docs and benchmark
 
 
-def test_doctests() -> None:
-    result = doctest.testmod(gguf_module, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [gguf_module, gguf_header_module, gguf_values_module])
+def test_doctests(module: Any) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
 
 
@@ -901,7 +904,7 @@ def test_gemma_matches_gguf_reader(gemma_path: str, gemma_reader: Any) -> None:
     assert meta.data_offset == reader.data_offset
     assert meta.quantization == "Q4_K_M" and meta.size_label == "270M" and meta.name == "Gemma 3 270m"
 
-    for ours, theirs in zip(meta.tensors, reader.tensors):
+    for ours, theirs in zip(meta.tensors, reader.tensors, strict=True):
         assert ours.name == theirs.name
         assert ours.shape == tuple(int(d) for d in theirs.shape)
         assert ours.type == int(theirs.tensor_type)

@@ -60,7 +60,7 @@ EXPECTED = [
 def _stream(newline: str | list[str] = "\n") -> bytes:
     if isinstance(newline, str):
         return "".join(line + newline for line in LINES).encode("utf-8")
-    return "".join(line + nl for line, nl in zip(LINES, newline)).encode("utf-8")
+    return "".join(line + nl for line, nl in zip(LINES, newline, strict=True)).encode("utf-8")
 
 
 def _decode(chunks: list[bytes]) -> list[ServerSentEvent]:
