@@ -1,6 +1,11 @@
 """A child process that cannot outlive us and whose output is always drained.
 
-Shared by every long-running llama.cpp program the library starts. The layers of
+Shared by every long-running llama.cpp program the library starts. It is one module
+past the usual size because it is one guarantee: spawning (``_Spawner``), watching
+(``ManagedProcess``, ``_Output``) and starting and stopping (``ProcessOwner``) are the
+parts of "no orphan, no deadlock, no lost error", and each relies on the others'
+details (the spawner thread for the parent-death signal, the drain for readiness and
+the start-failure report). The layers of
 protection against orphans:
 
 * the child leads its own session and process group (``start_new_session=True``), so
