@@ -2,24 +2,33 @@
 
 Knows nothing of models: it is handed the two calls that open streams (``generate``
 for a string prompt, ``chat`` for a message list) and runs them on a thread pool,
-with one result per prompt whatever fails.
+with one result per prompt whatever fails. With a checkpoint file
+(:mod:`llamarocm.checkpoint`) each finished item is appended to it by the worker that
+ran it, before the calling thread hears of it, and items already in the file are read
+back instead of run.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Union
 
+from .checkpoint import Checkpoint, ItemId, Record, item_hash, settings_identity
 from .config import GenerateConfig, check_messages
 from .errors import SkippedError
 from .stream import GenerateMetrics, TokenStream
 
-__all__ = ["BatchResult", "run_batch"]
+__all__ = ["BatchItem", "BatchResult", "BatchRun", "Resume", "read_back", "run_batch", "run_items"]
 
 Prompt = Union[str, Sequence[Mapping[str, Any]]]
 Opener = Callable[..., TokenStream]
+Progress = Callable[[int, int], None]
+
+_NOT_RUN = "not run: the batch was stopped"
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,26 @@ def _short(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
+@dataclass(frozen=True)
+class BatchItem:
+    """One prompt of a batch with its own settings: ``options`` are keyword arguments
+    of ``generate()`` / ``chat()``, already checked; ``id`` is what its checkpoint line
+    is known by (``map()`` uses the position)."""
+
+    prompt: Prompt
+    options: Mapping[str, Any]
+    id: ItemId
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """A run of :func:`run_items`: a result per item, in order, and how many of them
+    were read back from the checkpoint instead of run."""
+
+    results: List[BatchResult]
+    resumed: int
+
+
 def _check_arguments(
     prompts: Any, config: Dict[str, Any], max_workers: Any, progress: Any
 ) -> None:
@@ -71,20 +100,68 @@ def _check_arguments(
         raise TypeError("progress must be callable(done, total)")
 
 
-class _Batch:
-    """The shared state of one ``map`` call: which streams run, whether to stop."""
+def _metrics_fields(metrics: Optional[GenerateMetrics]) -> Optional[Dict[str, Any]]:
+    if metrics is None:
+        return None
+    # A rate the server could not compute must not make the line invalid JSON.
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(metrics).items()}
 
-    def __init__(self, generate: Opener, chat: Opener, config: Dict[str, Any], fail_fast: bool) -> None:
-        self.generate, self.chat, self.config, self.fail_fast = generate, chat, config, fail_fast
+
+def _record(index: int, item: BatchItem, digest: str, result: BatchResult) -> Optional[Record]:
+    """The checkpoint line of a result; ``None`` for an item that did not finish (skipped,
+    or cancelled by a stop), which the next run must do."""
+    if result.error is None:
+        if result.finish_reason == "cancelled":
+            return None
+        return Record(index, item.id, digest, result.text, result.finish_reason, _metrics_fields(result.metrics), None)
+    if isinstance(result.error, SkippedError):
+        return None
+    return Record.failure(index, item.id, digest, result.error, _metrics_fields(result.metrics))
+
+
+_METRICS_FIELDS = tuple(f.name for f in fields(GenerateMetrics))
+
+
+def _read_back(prompt: Prompt, record: Record) -> BatchResult:
+    """A finished item's result, rebuilt from its line: metrics as far as stored."""
+    metrics = None
+    if record.metrics is not None:
+        try:
+            metrics = GenerateMetrics(**{name: record.metrics[name] for name in _METRICS_FIELDS})
+        except KeyError:
+            metrics = None
+    return BatchResult(prompt, record.text, None, metrics, record.finish_reason)
+
+
+def _hashes(items: Sequence[BatchItem]) -> List[str]:
+    """Each item's identity hash; the settings of items sharing one options mapping
+    (all of them, in ``map()``) are serialised once."""
+    settings: Dict[int, str] = {}
+    digests = []
+    for item in items:
+        key = id(item.options)  # the items hold their options: an id is not reused meanwhile
+        if key not in settings:
+            settings[key] = settings_identity(GenerateConfig.from_kwargs(item.options))
+        digests.append(item_hash(item.prompt, settings[key]))
+    return digests
+
+
+class _Batch:
+    """The shared state of one batch: which streams run, whether to stop."""
+
+    def __init__(self, generate: Opener, chat: Opener, fail_fast: bool, checkpoint: Optional[Checkpoint]) -> None:
+        self.generate, self.chat, self.fail_fast, self.checkpoint = generate, chat, fail_fast, checkpoint
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.running: Set[TokenStream] = set()
-        self.first_error: List[BaseException] = []
+        # What ends the batch with an exception: a fail_fast item's error, or a
+        # checkpoint write that failed.
+        self.fatal: List[BaseException] = []
 
-    def _start(self, prompt: Prompt) -> Optional[TokenStream]:
+    def _start(self, item: BatchItem) -> Optional[TokenStream]:
         """Open the prompt's stream, tracked for cancelling; ``None`` once stopping."""
-        opener = self.generate if isinstance(prompt, str) else self.chat
-        stream = opener(prompt, **self.config)
+        opener = self.generate if isinstance(item.prompt, str) else self.chat
+        stream = opener(item.prompt, **item.options)
         with self.lock:
             # Checked with the stream already open and under the lock that cancelling
             # takes: a stop either sees this stream or is seen here.
@@ -94,20 +171,24 @@ class _Batch:
         stream.close()
         return None
 
-    def run_one(self, prompt: Prompt) -> BatchResult:
+    def _fail(self, exc: BaseException) -> None:
+        with self.lock:
+            self.fatal.append(exc)
+        self.stop.set()
+
+    def _run(self, item: BatchItem) -> BatchResult:
+        prompt = item.prompt
         stream: Optional[TokenStream] = None
         try:
             if not self.stop.is_set():
-                stream = self._start(prompt)
+                stream = self._start(item)
             if stream is None:
-                return BatchResult(prompt, None, SkippedError("not run: the batch was stopped"), None, None)
+                return BatchResult(prompt, None, SkippedError(_NOT_RUN), None, None)
             text = stream.text()
             return BatchResult(prompt, text, None, stream.metrics, stream.finish_reason)
         except Exception as exc:  # one item's error, raised before its stream too
             if self.fail_fast:
-                with self.lock:
-                    self.first_error.append(exc)
-                self.stop.set()
+                self._fail(exc)
             if stream is None:
                 return BatchResult(prompt, None, exc, None, None)
             return BatchResult(prompt, None, exc, stream.metrics, stream.finish_reason)
@@ -115,6 +196,19 @@ class _Batch:
             if stream is not None:
                 with self.lock:
                     self.running.discard(stream)
+
+    def run_one(self, index: int, item: BatchItem, digest: str) -> BatchResult:
+        """Run one item and, with a checkpoint, write its line before returning: the
+        calling thread reports nothing that is not in the file."""
+        result = self._run(item)
+        if self.checkpoint is not None:
+            record = _record(index, item, digest, result)
+            if record is not None:
+                try:
+                    self.checkpoint.append(record)
+                except OSError as exc:  # a full disk: going on would lose every result
+                    self._fail(exc)
+        return result
 
     def cancel(self) -> None:
         """Stop: cancel what runs; what has not started will be skipped."""
@@ -125,6 +219,114 @@ class _Batch:
             stream.close()
 
 
+@dataclass(frozen=True)
+class Resume:
+    """What a checkpoint holds for a batch's items: the results read back (``None`` for
+    an item to run) and every item's hash."""
+
+    checkpoint: Checkpoint
+    results: List[Optional[BatchResult]]
+    digests: List[str]
+
+    @property
+    def pending(self) -> int:
+        """How many items must run."""
+        return sum(result is None for result in self.results)
+
+
+def read_back(items: Sequence[BatchItem], checkpoint: Checkpoint) -> Resume:
+    """The results of ``items`` that the open ``checkpoint`` already holds."""
+    digests = _hashes(items)
+    results: List[Optional[BatchResult]] = []
+    for item, digest in zip(items, digests, strict=True):
+        record = checkpoint.finished(item.id, digest)
+        results.append(None if record is None else _read_back(item.prompt, record))
+    return Resume(checkpoint, results, digests)
+
+
+def run_items(
+    generate: Opener,
+    chat: Opener,
+    items: Sequence[BatchItem],
+    *,
+    max_workers: int,
+    fail_fast: bool = False,
+    progress: Optional[Progress] = None,
+    on_result: Optional[Callable[[BatchResult], None]] = None,
+    resume: Optional[Resume] = None,
+) -> BatchRun:
+    """Run every item on ``max_workers`` threads, each with its own settings; with
+    ``resume`` (:func:`read_back`), only those its checkpoint does not hold, each
+    written to it as it finishes. ``on_result`` then ``progress(done, total)`` are
+    called in the calling thread for each item run; items read back count as done, and
+    when there are some ``progress`` is first called once with their number.
+    Arguments are checked by the caller."""
+    total = len(items)
+    checkpoint = None if resume is None else resume.checkpoint
+    results: List[Optional[BatchResult]] = [None] * total if resume is None else list(resume.results)
+    digests = [""] * total if resume is None else resume.digests
+    pending = [i for i, result in enumerate(results) if result is None]
+    resumed = total - len(pending)
+    if progress is not None and resumed:
+        progress(resumed, total)
+    done = resumed
+
+    def report(index: int, result: BatchResult) -> None:
+        nonlocal done
+        results[index] = result
+        done += 1
+        if on_result is not None:
+            on_result(result)
+        if progress is not None:
+            progress(done, total)
+
+    batch = _Batch(generate, chat, fail_fast, checkpoint)
+    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="llamarocm-map") as pool:
+        _feed(pool, 2 * max_workers, batch, items, digests, pending, report)
+    if batch.fatal:
+        raise batch.fatal[0]
+    return BatchRun([r for r in results if r is not None], resumed)
+
+
+def _feed(
+    pool: ThreadPoolExecutor,
+    window: int,
+    batch: _Batch,
+    items: Sequence[BatchItem],
+    digests: Sequence[str],
+    pending: Sequence[int],
+    report: Callable[[int, BatchResult], None],
+) -> None:
+    """Hand the ``pending`` items to the pool, at most ``window`` queued or running at
+    once (100,000 prompts are not 100,000 futures at the start), and ``report`` each
+    result as it comes; once the batch stops, the items left are skipped unrun."""
+    queue = iter(pending)
+    running: "Dict[Future[BatchResult], int]" = {}
+    try:
+        while True:
+            while len(running) < window:
+                index = next(queue, None)
+                if index is None:
+                    break
+                if batch.stop.is_set():
+                    report(index, BatchResult(items[index].prompt, None, SkippedError(_NOT_RUN), None, None))
+                else:
+                    running[pool.submit(batch.run_one, index, items[index], digests[index])] = index
+            if not running:
+                return
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                report(running.pop(future), future.result())
+            if batch.stop.is_set():
+                batch.cancel()
+    except BaseException:
+        # Ctrl-C or a failing callback: cancel what runs, skip the rest.
+        for future in running:
+            future.cancel()
+        batch.cancel()
+        raise
+
+
 def run_batch(
     generate: Opener,
     chat: Opener,
@@ -132,29 +334,22 @@ def run_batch(
     *,
     max_workers: int,
     fail_fast: bool = False,
-    progress: Optional[Callable[[int, int], None]] = None,
+    progress: Optional[Progress] = None,
+    checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None,
     **config: Any,
 ) -> List[BatchResult]:
     """Run every prompt (a string through ``generate``, a message list through
-    ``chat``) on ``max_workers`` threads; a :class:`BatchResult` per prompt, in order."""
+    ``chat``) on ``max_workers`` threads; a :class:`BatchResult` per prompt, in order.
+
+    With ``checkpoint`` (a file path), each finished prompt is appended to that file,
+    and prompts already there, with the same position, text and settings, are read
+    back instead of run (see :mod:`llamarocm.checkpoint`)."""
     _check_arguments(prompts, config, max_workers, progress)
-    batch = _Batch(generate, chat, config, fail_fast)
-    results: List[Optional[BatchResult]] = [None] * len(prompts)
-    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="llamarocm-map") as pool:
-        futures: "Dict[Future[BatchResult], int]" = {pool.submit(batch.run_one, p): i for i, p in enumerate(prompts)}
-        try:
-            for done, future in enumerate(as_completed(futures), 1):
-                results[futures[future]] = future.result()
-                if progress is not None:
-                    progress(done, len(prompts))
-                if batch.stop.is_set():
-                    batch.cancel()
-        except BaseException:
-            # Ctrl-C or a failing progress callback: cancel what runs, skip the rest.
-            for future in futures:
-                future.cancel()
-            batch.cancel()
-            raise
-    if batch.first_error:
-        raise batch.first_error[0]
-    return [r for r in results if r is not None]
+    items = [BatchItem(prompt, config, index) for index, prompt in enumerate(prompts)]
+    if checkpoint is None:
+        return run_items(generate, chat, items, max_workers=max_workers, fail_fast=fail_fast, progress=progress).results
+    with Checkpoint(checkpoint) as file:
+        return run_items(
+            generate, chat, items, max_workers=max_workers, fail_fast=fail_fast, progress=progress,
+            resume=read_back(items, file),
+        ).results

@@ -1,9 +1,9 @@
 """The ``llamarocm`` command: a thin layer over the public API.
 
 Exit codes: 0 ok, 1 runtime error (message on stderr; traceback only with
-``--debug``), 2 usage error, 130 interrupted. Option values are checked with the
-library's own validation before a model is found or a process started, so a value
-the API would refuse is a usage error.
+``--debug``) or, for ``batch``, items that failed, 2 usage error, 130 interrupted.
+Option values are checked with the library's own validation before a model is found
+or a process started, so a value the API would refuse is a usage error.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Dict, List, NoReturn, Optional, TextIO, Tuple, TypeAlias, Union
 
 import llamarocm
 
 from ._binaries import SOURCE_BUILD_REQUIREMENT, find_binary
 from ._default_model import default_model_path
-from .config import GenerateConfig, LoadConfig
+from .batch import BatchItem, BatchResult, Resume, read_back, run_items
+from .checkpoint import Checkpoint
+from .config import GenerateConfig, LoadConfig, check_messages
 from .rpc import DEFAULT_STARTUP_TIMEOUT as WORKER_STARTUP_TIMEOUT
 from .rpc import check_worker_arguments
 
@@ -32,6 +35,7 @@ EXAMPLES: Dict[str, Tuple[str, ...]] = {
         'llamarocm generate "A person, as JSON:" --json-schema person.json --max-tokens 128 --temperature 0',
     ),
     "chat": ("llamarocm chat --model ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf --gpu-layers all --devices 0",),
+    "batch": ("llamarocm batch prompts.jsonl results.jsonl --max-tokens 128 --temperature 0 --parallel 4",),
     "models": ("llamarocm models ~/models --recursive",),
     "info": ("llamarocm info ~/models/gemma-3-270m-q4_k_m.gguf --json",),
     "vram": ("llamarocm vram --json",),
@@ -166,13 +170,17 @@ def _generation_options(args: argparse.Namespace) -> Dict[str, Any]:
 def _load_options(args: argparse.Namespace) -> Dict[str, Any]:
     """``load_model()`` keyword arguments from the command line, but the model path and
     the progress display; ``None`` is each option's default."""
-    return {
+    options: Dict[str, Any] = {
         "context_length": args.context_length,
         "gpu_layers": args.gpu_layers,
         "devices": args.devices,
         "server_path": args.server,
         "rpc": _rpc_addresses(args),
     }
+    # Only batch has --parallel: generate and chat run one request at a time.
+    if getattr(args, "parallel", None) is not None:
+        options["parallel"] = args.parallel
+    return options
 
 
 def _check_generation_options(args: argparse.Namespace) -> None:
@@ -266,6 +274,184 @@ def chat_loop(
         out.write("\n")
         out.flush()
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+# -- batch -------------------------------------------------------------------------
+
+# What an input line of ``batch`` may hold besides the GenerateConfig fields.
+_ITEM_KEYS = frozenset({"id", "prompt", "messages"})
+_SETTING_KEYS = frozenset(f.name for f in dataclasses.fields(GenerateConfig))
+
+
+def _batch_item(raw: bytes, options: Dict[str, Any]) -> BatchItem:
+    """One input line of ``batch`` as an item; its own settings override ``options``."""
+    obj = json.loads(raw, parse_constant=_refuse_constant)
+    if not isinstance(obj, dict):
+        raise ValueError('expected a JSON object such as {"id": 1, "prompt": "..."}')
+    unknown = sorted(set(obj) - _ITEM_KEYS - _SETTING_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {', '.join(unknown)}; a line has an id, a prompt or messages, "
+            f"and any of {', '.join(sorted(_SETTING_KEYS))}"
+        )
+    if "id" not in obj:
+        raise ValueError("no id: every line needs an id, a string or an integer")
+    item_id = obj["id"]
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+        raise ValueError(f"the id must be a string or an integer, not {json.dumps(item_id)}")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise ValueError("give either a prompt or messages")
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str):
+            raise ValueError("the prompt must be a string (a chat goes in messages)")
+    else:
+        prompt = check_messages(obj["messages"])
+    settings = {key: value for key, value in obj.items() if key in _SETTING_KEYS}
+    if not settings:
+        return BatchItem(prompt, options, item_id)  # the shared options: hashed once
+    merged = {**options, **settings}
+    GenerateConfig.from_kwargs(merged)
+    return BatchItem(prompt, merged, item_id)
+
+
+def read_batch_input(path: str, options: Dict[str, Any]) -> List[BatchItem]:
+    """The items of a ``batch`` input file (JSON lines; blank lines are skipped), or a
+    ``ValueError`` naming the file and line: a bad line, a missing or repeated id."""
+    try:
+        with open(os.path.expanduser(path), "rb") as file:
+            lines = file.read().split(b"\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    items: List[BatchItem] = []
+    seen: Dict[Tuple[bool, Any], int] = {}
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            item = _batch_item(raw, options)
+        except (TypeError, ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8 and bad values
+            raise ValueError(f"{path} line {number}: {exc}") from None
+        key = (isinstance(item.id, str), item.id)  # the id 1 and the id "1" differ
+        if key in seen:
+            raise ValueError(f"{path} line {number}: the id {json.dumps(item.id)} is already on line {seen[key]}")
+        seen[key] = number
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path} holds no prompts")
+    return items
+
+
+def _check_batch_options(args: argparse.Namespace) -> None:
+    """The options, then the whole input file: a bad line is a usage error before the
+    output file is touched or a model loads. The items are kept for the run."""
+    _check_generation_options(args)
+    if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.input, args.output):
+        raise ValueError("INPUT and OUTPUT must be different files")
+    args.batch_items = read_batch_input(args.input, _generation_options(args))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class _BatchTally:
+    """What a ``batch`` run has done, and its progress line on a terminal: done/total,
+    tokens per second, time left; redrawn at most ten times a second."""
+
+    def __init__(self, total: int, resumed: int, show: bool) -> None:
+        self.total, self.resumed, self.show = total, resumed, show
+        self.ran = self.failed = self.tokens = 0
+        self.done = resumed
+        self.started = time.monotonic()
+        self._drawn_at = 0.0
+
+    def result(self, result: BatchResult) -> None:
+        self.ran += 1
+        self.failed += not result.ok
+        self.done += result.ok
+        if result.metrics is not None:
+            self.tokens += result.metrics.generated_tokens
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def progress(self, finished: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.show or (now - self._drawn_at < 0.1 and finished < total):
+            return
+        self._drawn_at = now
+        elapsed = now - self.started
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        parts = [f"{finished}/{total} finished"]
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        if self.ran:
+            parts += [f"{rate:.1f} tok/s", f"{_duration((total - finished) * elapsed / self.ran)} left"]
+        sys.stderr.write("\r\033[K" + ", ".join(parts))
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.show:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def summary(self, args: argparse.Namespace) -> Dict[str, Any]:
+        seconds = self.seconds
+        return {
+            "input": args.input,
+            "output": args.output,
+            "total": self.total,
+            "done": self.done,
+            "failed": self.failed,
+            "resumed": self.resumed,
+            "ran": self.ran,
+            "seconds": round(seconds, 3),
+            "generated_tokens": self.tokens,
+            "tokens_per_second": round(self.tokens / seconds, 2) if self.ran and seconds > 0 else None,
+        }
+
+
+def _run_batch(args: argparse.Namespace, items: List[BatchItem], resume: Resume, tally: _BatchTally) -> None:
+    with _load(args) as model:
+        tally.started = time.monotonic()  # the rate and the time left leave the load out
+        run_items(
+            model.generate, model.chat, items, max_workers=args.parallel,
+            progress=tally.progress, on_result=tally.result, resume=resume,
+        )
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    items: List[BatchItem] = args.batch_items
+    # Opened (and locked) before the model loads: a second run on the file is refused at once.
+    with Checkpoint(args.output) as checkpoint:
+        resume = read_back(items, checkpoint)
+        tally = _BatchTally(len(items), len(items) - resume.pending, sys.stderr.isatty())
+        try:
+            if resume.pending:  # else all is done already: no model to load
+                _run_batch(args, items, resume, tally)
+        except KeyboardInterrupt:
+            tally.clear()
+            _stderr(f"interrupted: {tally.done} of {tally.total} items are done in {args.output}; "
+                    "run the same command again to resume")
+            return 130
+    tally.clear()
+    summary = tally.summary(args)
+    if args.json:
+        _print_json(summary)
+    elif tally.show:
+        _stderr(f"{summary['done']} of {summary['total']} done ({summary['resumed']} from an earlier run), "
+                f"{summary['failed']} failed, {_duration(summary['seconds'])}, "
+                f"{summary['tokens_per_second'] or 0:.1f} tok/s")
+    if tally.failed:
+        _stderr(f"{tally.failed} of {tally.total} items failed (their errors are in {args.output}); "
+                "run the same command again to retry them")
+        return 1
+    return 0
 
 
 def _size(size: Optional[int]) -> str:
@@ -466,6 +652,26 @@ def _add_chat(sub: _Subparsers) -> None:
     chat.set_defaults(func=cmd_chat)
 
 
+def _add_batch(sub: _Subparsers) -> None:
+    batch = _add_command(sub, "batch", "Run every prompt of INPUT, appending each result to OUTPUT as it finishes.")
+    batch.description = (
+        "Run every prompt of INPUT, appending each result to OUTPUT (JSON lines) the moment it "
+        "finishes; the same command again skips what OUTPUT holds and redoes what failed. "
+        'Each INPUT line is {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]}, '
+        "with optional settings of its own (max_tokens, temperature, json_schema...) that "
+        "override the command line's. Exit status: 0 when every item is done, 1 when some "
+        "failed (their errors are in OUTPUT), 2 for a usage error or a bad INPUT line, "
+        "130 when interrupted."
+    )
+    batch.add_argument("input", metavar="INPUT", help="prompts, one JSON object a line")
+    batch.add_argument("output", metavar="OUTPUT", help="results, one JSON object a line (appended to)")
+    _add_generation_options(batch, max_tokens=256)
+    batch.add_argument("--parallel", type=int, default=4, metavar="N",
+                       help="requests the server runs at once (default 4)")
+    batch.add_argument("--json", action="store_true", help="print a summary as JSON at the end")
+    batch.set_defaults(func=cmd_batch, check_options=_check_batch_options)
+
+
 def _add_file_commands(sub: _Subparsers) -> None:
     """The commands that only read files or sysfs: no server, so no ``--server``."""
     models = _add_command(sub, "models", "List the GGUF models in FOLDER (default: the current folder).", server=None)
@@ -532,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks (also after COMMAND)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_generate, _add_chat, _add_file_commands, _add_rpc_worker, _add_bench, _add_setup):
+    for add in (_add_generate, _add_chat, _add_batch, _add_file_commands, _add_rpc_worker, _add_bench, _add_setup):
         add(sub)
     return parser
 

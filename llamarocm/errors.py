@@ -25,8 +25,10 @@ The tree::
     ├── ModelNotFoundError              (also a FileNotFoundError) no such model file
     ├── DeviceError                     no usable GPU, or the model does not fit
     ├── OutputParseError                (also a ValueError) output is not what was asked
-    └── SkippedError                    a batch item never ran: the batch was stopped
-                                        (``fail_fast``, Ctrl-C) before its turn
+    ├── SkippedError                    a batch item never ran: the batch was stopped
+    │                                   (``fail_fast``, Ctrl-C) before its turn
+    └── CheckpointLockedError           another run is writing the same checkpoint file
+                                        (``map(checkpoint=...)``, ``llamarocm batch``)
 
 The builtin mix-ins mean callers who know nothing of llamarocm can still write
 ``except ValueError`` or ``except TimeoutError``. Wrong argument types and values are
@@ -59,6 +61,7 @@ __all__ = [
     "DeviceError",
     "OutputParseError",
     "SkippedError",
+    "CheckpointLockedError",
 ]
 
 
@@ -157,6 +160,20 @@ class OutputParseError(LlamaRocmError, ValueError):
 class SkippedError(LlamaRocmError):
     """A prompt of :meth:`~llamarocm.Model.map` that never ran: the batch was stopped
     (``fail_fast`` after another prompt failed, or an interrupt) before its turn."""
+
+
+class CheckpointLockedError(LlamaRocmError):
+    """Another run, in this process or another, is writing the checkpoint file that
+    :meth:`~llamarocm.Model.map` (``checkpoint=``) or ``llamarocm batch`` was given.
+
+    Raised before any prompt runs. Two runs appending to one file would each redo the
+    other's items; wait for the other run to end, or give this one another file.
+    ``path`` is the file.
+    """
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def _server_words(body: str) -> Tuple[str, str]:

@@ -173,6 +173,7 @@ class Model:
         max_workers: Optional[int] = None,
         fail_fast: bool = False,
         progress: Optional[Callable[[int, int], None]] = None,
+        checkpoint: Optional[Union[str, "os.PathLike[str]"]] = None,
         max_tokens: Optional[int] = None,
         temperature: Optional[float] = None,
         top_k: Optional[int] = None,
@@ -194,8 +195,11 @@ class Model:
         ``max_workers`` defaults to the server's slots (``parallel``). An item that
         fails records its ``error`` and the rest go on, unless ``fail_fast``: then the
         first error cancels what runs, skips what has not started, and is raised.
-        ``progress(done, total)`` is called from the calling thread. The other keyword
-        arguments are those of :meth:`generate`, for every prompt.
+        ``progress(done, total)`` is called from the calling thread. With
+        ``checkpoint="results.jsonl"`` every finished item is appended to that file the
+        moment it ends, and running the same call again skips the items already there
+        (see :doc:`/batches`). The other keyword arguments are those of :meth:`generate`,
+        for every prompt.
 
         >>> results = model.map(["Hi", "Hello"], max_tokens=8)  # doctest: +SKIP
         >>> [r.text for r in results if r.ok]  # doctest: +SKIP
@@ -203,7 +207,14 @@ class Model:
         options = GenerateConfig.arguments_of(locals())
         workers = max(1, self.parallel) if max_workers is None else max_workers
         return run_batch(
-            self.generate, self.chat, prompts, max_workers=workers, fail_fast=fail_fast, progress=progress, **options
+            self.generate,
+            self.chat,
+            prompts,
+            max_workers=workers,
+            fail_fast=fail_fast,
+            progress=progress,
+            checkpoint=checkpoint,
+            **options,
         )
 
     def embed(self, texts: Union[str, Sequence[str]]) -> List[List[float]]:

@@ -1,0 +1,235 @@
+"""Batches: ``Model.map`` against a hand-written raw client, and the durable map
+(``checkpoint=``) against the in-memory one.
+
+    python benchmarks/bench_batch.py [--model PATH] [--server PATH] [--prompts N] [--max-tokens N]
+                                     [--parallel LIST] [--repeat N] [--resume-lines N] [--quick]
+                                     [--output FILE]
+
+Three figures, each side by side in one run, in alternating order, ``--repeat`` times:
+
+* **map against raw**, for each ``parallel=`` in ``--parallel`` (one server each):
+  ``model.map(prompts)`` against the best raw client we can write, a
+  ``ThreadPoolExecutor`` with one thread per slot, each streaming from ``/completion``
+  with ``http.client`` (``llamarocm.bench.baselines.RawTarget``) the very JSON body
+  ``map`` sends. Reported: tokens per second of the whole batch, and their ratio.
+* **durable against in-memory**, at the largest ``parallel=``: ``map(prompts,
+  checkpoint=FILE)`` into a new file each time (one line written per item, fsync once a
+  second) against ``map(prompts)``.
+* **resume**: opening a checkpoint of ``--resume-lines`` lines and finding which of as
+  many items are done (reading, parsing, hashing every prompt): what a rerun of a
+  large batch costs before its first request. No server.
+
+Every request is greedy and ignores end-of-text, so both sides generate the same number
+of tokens, ``--max-tokens`` per prompt; the prompts share a prefix that the slots keep
+cached, so the batch measures generation and the client, not prefill. Prints a table
+and writes JSON to benchmarks/results/batch.json (or ``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+import llamarocm  # noqa: E402
+from llamarocm import bench  # noqa: E402  (its statistics, columns and JSON, as llamarocm bench reports)
+from llamarocm.batch import BatchItem, read_back  # noqa: E402
+from llamarocm.bench.baselines import RawTarget  # noqa: E402
+from llamarocm.bench.common import PROMPT, alternate, loadavg  # noqa: E402
+from llamarocm.checkpoint import Checkpoint, Record  # noqa: E402
+
+DEFAULT_OUTPUT = HERE / "results" / "batch.json"
+# What RawTarget sends (llamarocm.bench.common.request_body), as map() keyword arguments.
+GREEDY: Dict[str, Any] = {"temperature": 0.0, "extra": {"ignore_eos": True}}
+
+
+def prompts(count: int) -> List[str]:
+    return [f"{PROMPT} {i}" for i in range(count)]
+
+
+def _timed(fn: Callable[[], int]) -> Dict[str, float]:
+    """Seconds ``fn`` took and the tokens it says it received, as tokens per second."""
+    start = time.perf_counter()
+    tokens = fn()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds}
+
+
+def _ours(model: llamarocm.Model, batch: List[str], max_tokens: int, checkpoint: Optional[str] = None) -> int:
+    results = model.map(batch, max_tokens=max_tokens, checkpoint=checkpoint, **GREEDY)
+    failed = [r for r in results if not r.ok]
+    assert not failed, failed[0]
+    return sum(r.metrics.generated_tokens for r in results if r.metrics is not None)
+
+
+def _raw(target: RawTarget, batch: List[str], max_tokens: int, slots: int) -> int:
+    # One thread per slot, created per batch as map() creates its pool.
+    with ThreadPoolExecutor(max_workers=slots) as pool:
+        return sum(timed.tokens for timed in pool.map(lambda prompt: target.stream(prompt, max_tokens), batch))
+
+
+def _summary(ours: List[Dict[str, float]], base: List[Dict[str, float]]) -> Dict[str, Any]:
+    """Statistics of both sides' tok/s, the ratio of medians and the paired ratios."""
+    ours_rate, base_rate = [r["tok_s"] for r in ours], [r["tok_s"] for r in base]
+    return {
+        "ours_tok_s": bench.stats(ours_rate, 2),
+        "baseline_tok_s": bench.stats(base_rate, 2),
+        "ratio_of_medians": round(statistics.median(ours_rate) / statistics.median(base_rate), 4),
+        "ratio": bench.stats([o / b for o, b in zip(ours_rate, base_rate, strict=True)], 4),
+        "same_tokens": {r["tokens"] for r in ours} == {r["tokens"] for r in base},
+        "tokens": ours[0]["tokens"],
+    }
+
+
+def map_vs_raw(args: argparse.Namespace, model_path: str, slots: int) -> Dict[str, Any]:
+    batch = prompts(args.prompts)
+    load_before = loadavg()
+    with llamarocm.load_model(model_path, parallel=slots, context_length=512, server_path=args.server) as model:
+        target = RawTarget(model)
+        # Warm-up: the prefix into every slot's cache, first-request allocations, imports.
+        _ours(model, batch[: 2 * slots], args.max_tokens)
+        _raw(target, batch[: 2 * slots], args.max_tokens, slots)
+        ours: List[Dict[str, float]] = []
+        raw: List[Dict[str, float]] = []
+        for i in range(args.repeat):
+            o, r = alternate(
+                i,
+                lambda: _timed(lambda: _ours(model, batch, args.max_tokens)),
+                lambda: _timed(lambda: _raw(target, batch, args.max_tokens, slots)),
+            )
+            ours.append(o)
+            raw.append(r)
+            bench_log(f"  parallel={slots}: map {o['tok_s']:.1f} tok/s, raw {r['tok_s']:.1f} tok/s")
+    return {"parallel": slots, **_summary(ours, raw), "load_average": {"start": load_before, "end": loadavg()}}
+
+
+def durable_vs_memory(args: argparse.Namespace, model_path: str, slots: int) -> Dict[str, Any]:
+    batch = prompts(args.prompts)
+    load_before = loadavg()
+    with tempfile.TemporaryDirectory() as folder, llamarocm.load_model(
+        model_path, parallel=slots, context_length=512, server_path=args.server
+    ) as model:
+        _ours(model, batch[: 2 * slots], args.max_tokens, os.path.join(folder, "warm-up.jsonl"))
+        durable: List[Dict[str, float]] = []
+        memory: List[Dict[str, float]] = []
+        for i in range(args.repeat):
+            path = os.path.join(folder, f"run-{i}.jsonl")  # a new file: every item runs
+            d, m = alternate(
+                i,
+                lambda path=path: _timed(lambda: _ours(model, batch, args.max_tokens, path)),
+                lambda: _timed(lambda: _ours(model, batch, args.max_tokens)),
+            )
+            durable.append(d)
+            memory.append(m)
+            bench_log(f"  parallel={slots}: durable {d['tok_s']:.1f} tok/s, in memory {m['tok_s']:.1f} tok/s")
+    return {"parallel": slots, **_summary(durable, memory), "load_average": {"start": load_before, "end": loadavg()}}
+
+
+def resume_cost(lines: int, repeat: int) -> Dict[str, Any]:
+    """Seconds to open a checkpoint of ``lines`` finished items and to find them all done."""
+    items = [BatchItem(f"{PROMPT} {i}", {"max_tokens": 16}, i) for i in range(lines)]
+    metrics = {"prompt_tokens": 30, "generated_tokens": 16, "time_to_first_token": 0.05,
+               "total_duration": 0.5, "prefill_tokens_per_second": 600.0, "decode_tokens_per_second": 35.0}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "results.jsonl")
+        with Checkpoint(path) as file:
+            digests = read_back(items, file).digests
+        with open(path, "wb") as out:
+            out.writelines(Record(i, i, d, " a text of about forty characters, as here", "length", metrics, None).line()
+                           for i, d in enumerate(digests))
+        size = os.path.getsize(path)
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            with Checkpoint(path) as file:
+                assert read_back(items, file).pending == 0
+            samples.append(time.perf_counter() - start)
+    return {"lines": lines, "file_mb": round(size / 1e6, 1), "seconds": bench.stats(samples, 3)}
+
+
+def bench_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _rows(result: Dict[str, Any]) -> List[List[str]]:
+    rows = []
+    for point in result["map_vs_raw"]:
+        rows.append([f"map / raw, parallel={point['parallel']}", f"{point['ours_tok_s']['median']:.1f} tok/s",
+                     f"{point['baseline_tok_s']['median']:.1f} tok/s", f"{point['ratio']['median']:.3f}x",
+                     ">= 0.98x", "yes" if point["ratio"]["median"] >= 0.98 else "NO"])
+    d = result["durable_vs_memory"]
+    rows.append([f"durable / in-memory map, parallel={d['parallel']}", f"{d['ours_tok_s']['median']:.1f} tok/s",
+                 f"{d['baseline_tok_s']['median']:.1f} tok/s", f"{d['ratio']['median']:.3f}x", ">= 0.98x",
+                 "yes" if d["ratio"]["median"] >= 0.98 else "NO"])
+    r = result["resume"]
+    rows.append([f"resume: open {r['lines']:,} lines, find them done", f"{r['seconds']['median']:.2f} s",
+                 f"({r['file_mb']} MB)", "-", "-", "-"])
+    return rows
+
+
+def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a .gguf file (default: the embedded Gemma 3 270M)")
+    parser.add_argument("--server", help="llama-server binary (default: searched)")
+    parser.add_argument("--prompts", type=int, default=200, help="prompts per batch (default 200)")
+    parser.add_argument("--max-tokens", type=int, default=8, help="tokens per prompt (default 8)")
+    parser.add_argument("--parallel", default="1,2,4", help="slot counts for map against raw (default 1,2,4)")
+    parser.add_argument("--repeat", type=int, default=3, help="pairs of batches per figure (default 3)")
+    parser.add_argument("--resume-lines", type=int, default=100_000, help="lines of the resume figure (100,000)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run that only checks that everything works")
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help=f"JSON file (default {DEFAULT_OUTPUT})")
+    args = parser.parse_args(argv)
+    try:
+        args.parallel = [int(p) for p in args.parallel.split(",")]
+    except ValueError:
+        parser.error(f"--parallel takes numbers such as 1,2,4, not {args.parallel!r}")
+    if args.quick:
+        args.prompts, args.max_tokens, args.parallel, args.repeat, args.resume_lines = 6, 2, [1, 2], 1, 1000
+    if min(args.prompts, args.max_tokens, args.repeat, args.resume_lines, *args.parallel) < 1:
+        parser.error("every number must be at least 1")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the three figures, print a table, write the JSON, and return it.
+
+    >>> result = main(["--quick"])  # doctest: +SKIP
+    """
+    args = parse(argv)
+    model_path = args.model or bench.default_model()
+    started = time.time()
+    load_before = loadavg()
+    result: Dict[str, Any] = {"options": {k: v for k, v in vars(args).items() if k != "output"}}
+    result["map_vs_raw"] = [map_vs_raw(args, model_path, slots) for slots in args.parallel]
+    result["durable_vs_memory"] = durable_vs_memory(args, model_path, max(args.parallel))
+    result["resume"] = resume_cost(args.resume_lines, args.repeat)
+    result["environment"] = {
+        "model": model_path,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "llamarocm": llamarocm.__version__,
+        "load_average": {"start": load_before, "end": loadavg()},
+    }
+    result["minutes"] = round((time.time() - started) / 60, 1)
+    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    rows = _rows(result)
+    result["table"] = rows
+    bench.print_columns(("figure", "llamarocm", "baseline", "ratio (median of pairs)", "target", "met"), rows)
+    bench.write_json(args.output, result)
+    print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

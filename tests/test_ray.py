@@ -1,0 +1,391 @@
+"""llamarocm.ray on a real Ray cluster simulated on this machine, every address loopback.
+
+One cluster for the module (``ray.cluster_utils.Cluster``: a head without GPUs and two
+worker nodes with one fake GPU each), real replicas with real llama-servers, real
+failures (a server SIGKILLed, an actor ``ray.kill``-ed) in the middle of a batch. After
+the module no Ray process and no replica's llama-server may be left.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+# Before Ray is imported: keep every Ray address on 127.0.0.1 (by default Ray binds the
+# machine's external interface), and send no usage report anywhere.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import pytest  # noqa: E402
+from conftest import _unavailable, wait_pid_gone  # noqa: E402
+
+try:
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+except ImportError:  # reported by the fixtures: a failure under CI=true
+    ray = None
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+GREEDY = {"temperature": 0.0, "top_k": 1}
+# Counting prompts: confident greedy continuations, so a server running several
+# sequences at once (whose CPU kernels round differently) still gives the same text.
+PROMPTS = [f"{s}, {s + 1}, {s + 2}, {s + 3}," for s in range(10, 170, 10)]
+LOAD = {"parallel": 2, "context_length": 256}
+RAY_DIR = os.path.dirname(ray.__file__) if ray is not None else None
+
+
+def _pool(model_path, server_binary, **options):
+    """A replica pool with the tests' load options; it gives up quickly if Ray cannot
+    place it (the cluster has a GPU per worker node, no more)."""
+    import llamarocm.ray
+
+    return llamarocm.ray.ReplicaPool(model_path, server_path=server_binary, ready_timeout=120, **LOAD, **options)
+
+
+def _need_ray():
+    if ray is None:
+        _unavailable("ray is not installed (pip install '.[ray]')")
+
+
+def _ray_processes():
+    """Processes running this venv's Ray: raylet, gcs_server and agents by their path,
+    workers by the title Ray gives them ("ray::Replica", "ray::IDLE")."""
+    found = []
+    for pattern in (f"{RAY_DIR}/", "^ray::"):
+        out = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
+        found += [line for line in out.splitlines() if line.strip()]
+    return found
+
+
+def _descendants(root):
+    """``root`` and every process below it (Ray's nodes are children of this process,
+    their workers children of the raylets)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _replica_servers():
+    """llama-server processes started inside a Ray worker (Ray's variables in their
+    environment): the replicas' servers, alive or orphaned."""
+    found = []
+    for pid in subprocess.run(["pgrep", "-f", "llama-server"], capture_output=True, text=True).stdout.split():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if b"RAY_RAYLET_PID=" in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
+def _environ(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [entry.split(b"=", 1) for entry in f.read().split(b"\0") if b"=" in entry]
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
+def _wait(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return predicate()
+
+
+class _Session:
+    """The module's cluster; ``shutdown()`` is idempotent (a test calls it, then the fixture)."""
+
+    def __init__(self):
+        started = time.monotonic()
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+        self.workers = [self.cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+        ray.init(address=self.cluster.address, log_to_driver=False)
+        self.cluster.wait_for_nodes()
+        self.start_seconds = time.monotonic() - started
+        self.down = False
+
+    def shutdown(self):
+        if not self.down:
+            self.down = True
+            ray.shutdown()
+            self.cluster.shutdown()
+
+    def leftovers(self):
+        _wait(lambda: not _ray_processes() and not _replica_servers(), 20)
+        return _ray_processes() + [f"llama-server {pid}" for pid in _replica_servers()]
+
+
+@pytest.fixture(scope="module")
+def session(model_path, server_binary):
+    _need_ray()
+    assert not _ray_processes(), "a Ray of this venv already runs: stop it first"
+    session = _Session()
+    try:
+        yield session
+    finally:
+        session.shutdown()
+    assert not session.leftovers(), "processes left after the Ray tests"
+
+
+@pytest.fixture(scope="module")
+def expected(shared_model):
+    """Local ``Model.map`` on the same prompts: what every Ray batch must return."""
+    return [r.text for r in shared_model.map(PROMPTS, max_tokens=8, **GREEDY)]
+
+
+# -- without a cluster -----------------------------------------------------------------
+
+
+def test_import_llamarocm_imports_no_ray():
+    code = "import sys, llamarocm; print(sorted(m for m in sys.modules if m.split('.')[-1] == 'ray'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_gpu_options_keep_the_server_on_rays_gpus():
+    _need_ray()
+    from llamarocm.ray import gpu_options
+
+    # Fake GPUs, or AMD GPUs Ray cannot see: Ray set CUDA_VISIBLE_DEVICES; its ids
+    # become the server's devices, which device_environment intersects with any limit.
+    assert gpu_options({"CUDA_VISIBLE_DEVICES": "1"}, ["1"], {}) == {"devices": [1]}
+    assert gpu_options({"CUDA_VISIBLE_DEVICES": "0,2"}, ["0", "2"], {}) == {"devices": [0, 2]}
+    # Ray set ROCm's variable itself: that limit stands as it is.
+    assert gpu_options({"HIP_VISIBLE_DEVICES": "3"}, ["3"], {}) == {}
+    assert gpu_options({"ROCR_VISIBLE_DEVICES": "1,2"}, ["1", "2"], {}) == {}
+    # A ROCm variable that is not Ray's (set on the node): Ray's ids are still applied.
+    assert gpu_options({"HIP_VISIBLE_DEVICES": "0,1", "CUDA_VISIBLE_DEVICES": "1"}, ["1"], {}) == {"devices": [1]}
+    # Ids that are no index: CUDA_VISIBLE_DEVICES, inherited, is the limit.
+    assert gpu_options({"CUDA_VISIBLE_DEVICES": "GPU-3f2a"}, ["GPU-3f2a"], {}) == {}
+    # No GPU: nothing is offloaded, not even operations.
+    cpu = {"gpu_layers": 0, "extra_args": ["--foo", "--device", "none"]}
+    assert gpu_options({}, [], {"extra_args": ["--foo"]}) == cpu
+    with pytest.raises(ValueError, match="gpu_layers"):
+        gpu_options({}, [], {"gpu_layers": 10})
+
+
+def test_bad_arguments_fail_before_anything_starts(model_path):
+    _need_ray()
+    import llamarocm.ray
+
+    with pytest.raises(TypeError, match="unexpected argument 'max_tokenz'"):
+        llamarocm.ray.map(model_path, PROMPTS, max_tokenz=8)
+    with pytest.raises(ValueError, match="top_p"):
+        llamarocm.ray.map(model_path, PROMPTS, top_p=2)
+    with pytest.raises(ValueError, match="gpus_per_replica"):
+        llamarocm.ray.map(model_path, PROMPTS, devices=[0])
+    with pytest.raises(TypeError, match="given twice"):
+        llamarocm.ray.map(model_path, PROMPTS, load_options={"parallel": 2}, parallel=3)
+    with pytest.raises(ValueError, match="parallel"):
+        llamarocm.ray.map(model_path, PROMPTS, parallel=0)
+    with pytest.raises(NotImplementedError, match="checkpoint"):
+        llamarocm.ray.map(model_path, PROMPTS, checkpoint="results.jsonl")
+    with pytest.raises(TypeError, match="prompts"):
+        llamarocm.ray.map(model_path, "one string")
+    with pytest.raises(ValueError, match="replicas"):
+        llamarocm.ray.ReplicaPool(model_path, replicas=0)
+    with pytest.raises(ValueError, match="num_gpus"):
+        llamarocm.ray.ReplicaPool(model_path, ray_options={"num_gpus": 2})
+    with pytest.raises(TypeError, match="map"):
+        llamarocm.ray.ReplicaPool(model_path, max_tokens=8)
+    assert llamarocm.ray.map(model_path, []) == []
+    assert not ray.is_initialized(), "a check started Ray"
+
+
+# -- on the cluster ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="class")
+def pool(session, model_path, server_binary):
+    """Two replicas, one per worker node, for the tests of one class, stopped after
+    them (the tests that follow need the GPUs back)."""
+    with _pool(model_path, server_binary, replicas=2) as pool:
+        yield pool
+
+
+class TestTwoReplicas:
+    def test_ray_listens_on_loopback_only(self, session, pool):
+        assert session.cluster.address.startswith("127.0.0.1:")
+        assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+        assert {info["node_ip"] for info in pool.describe()} == {"127.0.0.1"}
+        pids = _descendants(os.getpid())
+        assert {info["pid"] for info in pool.describe()} <= pids
+        out = subprocess.run(["ss", "-ltunpH"], capture_output=True, text=True, check=True).stdout
+        listening = []
+        for line in out.splitlines():
+            owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+            if owners & pids:
+                address = line.split()[4].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+                listening.append((address, owners))
+        owners = {pid for _, found in listening for pid in found}
+        # The GCS, every raylet and both replicas' workers listen: the check is not empty.
+        assert len(owners) >= 6 and {info["pid"] for info in pool.describe()} <= owners, listening
+        assert all(address != "*" and ipaddress.ip_address(address).is_loopback for address, _ in listening), listening
+
+    def test_greedy_results_equal_local_map(self, pool, expected):
+        import llamarocm
+
+        results = pool.map(PROMPTS, max_tokens=8, **GREEDY)
+        assert all(isinstance(r, llamarocm.BatchResult) for r in results)
+        assert [r.prompt for r in results] == PROMPTS
+        assert [r.error for r in results] == [None] * len(PROMPTS)
+        assert [r.text for r in results] == expected
+        assert {r.finish_reason for r in results} == {"length"}
+        assert all(r.metrics.generated_tokens == 8 for r in results)
+
+    def test_each_replica_is_on_its_own_node_with_the_gpu_ray_assigned(self, pool):
+        replicas = pool.describe()
+        assert len(replicas) == 2
+        assert len({info["node_id"] for info in replicas}) == 2
+        for info in replicas:
+            env = _environ(info["server_pid"])
+            assert info["gpu_ids"] == ["0"]  # each worker node has one fake GPU
+            # Ray's variable reaches the server, and the same GPU is its HIP limit.
+            assert env["CUDA_VISIBLE_DEVICES"] == "0"
+            assert env["HIP_VISIBLE_DEVICES"] == "0"
+
+
+def test_a_replica_gets_exactly_the_gpus_ray_assigned(session, model_path, server_binary):
+    class Holder:  # defined here so that Ray ships it by value to its worker
+        def ids(self):
+            return [str(i) for i in ray.get_runtime_context().get_accelerator_ids()["GPU"]]
+
+    # A node with three fake GPUs, one of them taken first: the replica's two are then
+    # not simply the first ones, and both must reach its server.
+    node = session.cluster.add_node(num_cpus=2, num_gpus=3)  # Ray keeps a CPU per actor
+    try:
+        session.cluster.wait_for_nodes()
+        on_node = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=False)}
+        holder = ray.remote(Holder).options(num_gpus=1, **on_node).remote()
+        taken = ray.get(holder.ids.remote())
+        with _pool(model_path, server_binary, gpus_per_replica=2, ray_options=on_node) as pool:
+            (info,) = pool.describe()
+            assert len(info["gpu_ids"]) == 2 and not set(info["gpu_ids"]) & set(taken)
+            env = _environ(info["server_pid"])
+            assert env["CUDA_VISIBLE_DEVICES"] == ",".join(info["gpu_ids"])
+            assert env["HIP_VISIBLE_DEVICES"] == ",".join(info["gpu_ids"])
+        ray.kill(holder)
+    finally:
+        session.cluster.remove_node(node)
+
+
+def _run_with_a_failure(model_path, server_binary, expected, caplog, fail):
+    """A batch on two fresh replicas where ``fail(pool, victim)`` strikes replica 0
+    after two items are done; every item must come back once, right."""
+    with _pool(model_path, server_binary, replicas=2) as pool:
+        victim = pool.describe()[0]
+        calls = []
+
+        def progress(done, total):
+            calls.append(done)
+            if done == 2:
+                fail(pool, victim)
+
+        with caplog.at_level(logging.WARNING, logger="llamarocm"):
+            results = pool.map(PROMPTS, max_tokens=8, progress=progress, **GREEDY)
+        assert calls == list(range(1, len(PROMPTS) + 1))  # each item finished once
+        assert [r.prompt for r in results] == PROMPTS
+        assert [r.error for r in results] == [None] * len(PROMPTS)
+        assert [r.text for r in results] == expected
+        failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+        assert len(failed) == 1 and failed[0].startswith("replica 0 "), failed
+        assert int(re.search(r"(\d+) unfinished item", failed[0]).group(1)) >= 1  # it had work in flight
+        (survivor,) = pool.describe()
+        assert survivor["node_id"] != victim["node_id"]
+        # The pool goes on with the survivor.
+        assert [r.text for r in pool.map(PROMPTS[:2], max_tokens=8, **GREEDY)] == expected[:2]
+    assert wait_pid_gone(victim["server_pid"], 10)
+
+
+def test_a_server_killed_mid_batch_has_its_items_retried_elsewhere(
+    model_path, server_binary, expected, session, caplog
+):
+    def kill_server(pool, victim):
+        os.kill(victim["server_pid"], signal.SIGKILL)
+
+    _run_with_a_failure(model_path, server_binary, expected, caplog, kill_server)
+
+
+def test_a_replica_actor_killed_mid_batch_has_its_items_retried_elsewhere(
+    model_path, server_binary, expected, session, caplog
+):
+    # The actor's process dies at once; its llama-server follows by the parent-death signal.
+    _run_with_a_failure(model_path, server_binary, expected, caplog, lambda pool, victim: ray.kill(pool.actors[0]))
+
+
+def test_items_are_reported_once_retries_run_out(model_path, server_binary, session):
+    import llamarocm
+
+    # One replica, no retries: its server dies under the batch; what it ran fails with
+    # the crash, what never ran is skipped. Each item has exactly one result.
+    with _pool(model_path, server_binary) as pool:
+        (info,) = pool.describe()
+
+        def progress(done, total):
+            if done == 1:
+                os.kill(info["server_pid"], signal.SIGKILL)
+
+        results = pool.map(PROMPTS, max_tokens=8, max_retries=0, progress=progress, **GREEDY)
+        assert [r.prompt for r in results] == PROMPTS
+        assert sum(r.ok for r in results) >= 1
+        errors = [type(r.error) for r in results if not r.ok]
+        assert set(errors) <= {llamarocm.ServerCrashedError, llamarocm.SkippedError}
+        assert llamarocm.ServerCrashedError in errors and llamarocm.SkippedError in errors
+        with pytest.raises(llamarocm.LlamaRocmError, match="no replica of this pool is left"):
+            pool.map(PROMPTS[:1], **GREEDY)
+
+
+def test_a_replica_that_cannot_load_fails_the_map(session, tmp_path):
+    import llamarocm
+    import llamarocm.ray
+
+    with pytest.raises(llamarocm.ServerStartError, match="no replica started") as caught:
+        llamarocm.ray.map(str(tmp_path / "missing.gguf"), PROMPTS[:1], ready_timeout=120)
+    assert "missing.gguf" in str(caught.value)
+
+
+def test_ray_data_predictor(session, model_path, server_binary, expected):
+    try:
+        import ray.data
+    except ImportError as exc:
+        _unavailable(f"ray.data does not import: {exc} (pip install 'ray[data]')")
+    from llamarocm.ray import Predictor
+
+    dataset = ray.data.from_items([{"prompt": p} for p in PROMPTS[:6]])
+    options = {"model_path": model_path, "server_path": server_binary, "max_tokens": 8, **LOAD, **GREEDY}
+    rows = dataset.map_batches(
+        Predictor,
+        fn_constructor_kwargs=options,
+        concurrency=1,
+        num_gpus=1,
+        batch_size=3,
+    ).take_all()
+    by_prompt = {row["prompt"]: row for row in rows}
+    assert sorted(by_prompt) == sorted(PROMPTS[:6])
+    assert [by_prompt[p]["text"] for p in PROMPTS[:6]] == expected[:6]
+    assert {row["error"] for row in rows} == {None}
+    assert {row["finish_reason"] for row in rows} == {"length"}
+
+
+def test_nothing_is_left_after_shutdown(session):
+    session.shutdown()
+    assert not session.leftovers()
