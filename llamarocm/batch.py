@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Union
 
 from .checkpoint import Checkpoint, ItemId, Record, item_hash, settings_identity
-from .config import GenerateConfig, check_messages
+from .config import GenerateConfig, check_prompts
 from .errors import SkippedError
 from .stream import GenerateMetrics, TokenStream
 
@@ -85,14 +85,7 @@ def _check_arguments(
     prompts: Any, config: Dict[str, Any], max_workers: Any, progress: Any
 ) -> None:
     """Refuse bad input before anything runs."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise TypeError("prompts must be a list of strings or of message lists")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            try:
-                check_messages(prompt)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"prompts[{i}]: {exc}") from None
+    check_prompts(prompts)
     GenerateConfig.from_kwargs(config)
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
         raise ValueError(f"max_workers must be a positive int, got {max_workers!r}")

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-__all__ = ["GenerateConfig", "LoadConfig", "check_messages"]
+__all__ = ["GenerateConfig", "LoadConfig", "check_messages", "check_prompts"]
 
 # Fields the stream itself sets and reads back; overriding one would break it.
 _RESERVED_FIELDS = frozenset({"prompt", "stream", "return_tokens", "messages"})
@@ -392,6 +392,19 @@ def _check_rpc_address(address: str) -> str:
         # llama.cpp splits the endpoint at its first colon and resolves IPv4 only.
         raise ValueError(f"rpc workers are reached over IPv4 (a name or a dotted address), got {address!r}")
     return address
+
+
+def check_prompts(prompts: Any) -> None:
+    """Refuse a batch's prompts unless each is a string or a valid message list,
+    naming the first bad one (``prompts[i]: ...``)."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError("prompts must be a list of strings or of message lists")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            try:
+                check_messages(prompt)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"prompts[{i}]: {exc}") from None
 
 
 def check_messages(messages: Any) -> List[Dict[str, Any]]:

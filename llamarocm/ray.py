@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("llamarocm.ray needs Ray: pip install 'llamarocm[ray]'") from exc
 
 from .batch import BatchResult
-from .config import GenerateConfig, LoadConfig, check_messages, check_timeout
+from .config import GenerateConfig, LoadConfig, check_prompts, check_timeout
 from .errors import ClosedError, LlamaRocmError, ServerCrashedError, ServerStartError, SkippedError
 from .loading import load_model
 from .model import Model
@@ -289,7 +289,7 @@ class ReplicaPool:
         if self._ever_ready and not self._ready and not self._starting:
             last = list(self._failed.values())[-1]
             raise LlamaRocmError(f"no replica of this pool is left: each one failed (the last: {last})") from last
-        _check_prompts(prompts)
+        check_prompts(prompts)
         GenerateConfig.from_kwargs(settings)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
@@ -325,17 +325,6 @@ def _wait(refs: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float]
         ready, _ = ray.wait(list(refs), num_returns=num_returns, timeout=left)
         if len(ready) >= num_returns or (deadline is not None and time.monotonic() >= deadline):
             return list(ready)
-
-
-def _check_prompts(prompts: Any) -> None:
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise TypeError("prompts must be a list of strings or of message lists")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            try:
-                check_messages(prompt)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"prompts[{i}]: {exc}") from None
 
 
 class _Run:
@@ -488,7 +477,7 @@ def map(
     if checkpoint is not None:
         raise NotImplementedError("checkpoint= is not available for Ray batches yet")
     load, settings = _split_options(options, load_options)
-    _check_prompts(prompts)
+    check_prompts(prompts)
     GenerateConfig.from_kwargs(settings)
     if not prompts:
         return []

@@ -183,3 +183,46 @@ def wait_pid_gone(pid: int, timeout: float) -> bool:
         return bool(ready)
     finally:
         os.close(fd)
+
+
+@pytest.fixture
+def no_gpus(monkeypatch, tmp_path):
+    """Device choice from an empty sysfs tree, whatever this machine's GPUs are."""
+    import functools
+
+    from llamarocm import devices
+    from llamarocm import server as server_module
+
+    empty_root = tmp_path / "sysfs-root"
+    empty_root.mkdir()
+    monkeypatch.setattr(server_module, "device_environment",
+                        functools.partial(devices.device_environment, sysfs_root=str(empty_root)))
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """A file that starts like GGUF: enough for a fake server, never for a real one."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 64)
+    return str(path)
+
+
+@pytest.fixture
+def canned():
+    """A CannedServer (tests/canned_server.py) for the test."""
+    from canned_server import CannedServer
+
+    server = CannedServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def canned_model(canned):
+    """A Model attached to the canned server."""
+    from llamarocm.client import Client
+    from llamarocm.model import Model
+
+    m = Model(Client(canned.url, api_key="k"))
+    yield m
+    m.close()

@@ -7,7 +7,6 @@ canned server. Each test pins down one way the library once broke a promise.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -17,52 +16,21 @@ import threading
 import traceback
 
 import pytest
-from canned_server import CannedServer  # noqa: I001
 from conftest import llama_server_pids
 
 import llamarocm
-from llamarocm import _process, devices
-from llamarocm import server as server_module
+from llamarocm import _process
 from llamarocm.client import Client
 from llamarocm.model import Model
 from llamarocm.server import Server
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_gpus")]
 
 DONE = {"content": "", "tokens": [], "stop": True, "stop_type": "eos"}
 
 
 def _sse(*objs) -> bytes:
     return "".join(f"data: {json.dumps(o)}\n\n" for o in objs).encode()
-
-
-@pytest.fixture(autouse=True)
-def no_gpus(monkeypatch, tmp_path):
-    empty_root = tmp_path / "sysfs-root"
-    empty_root.mkdir()
-    monkeypatch.setattr(server_module, "device_environment",
-                        functools.partial(devices.device_environment, sysfs_root=str(empty_root)))
-
-
-@pytest.fixture
-def model_file(tmp_path):
-    path = tmp_path / "m.gguf"
-    path.write_bytes(b"GGUF" + b"\0" * 64)
-    return str(path)
-
-
-@pytest.fixture
-def canned():
-    server = CannedServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def canned_model(canned):
-    m = Model(Client(canned.url, api_key="k"))
-    yield m
-    m.close()
 
 
 class _Gate:

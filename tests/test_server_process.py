@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 
 import pytest
 
 import llamarocm
-from llamarocm import devices
 from llamarocm import server as server_module
 from llamarocm.server import PORT_ATTEMPTS, Server
 
-pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def no_gpus(monkeypatch, tmp_path):
-    """Device choice from an empty sysfs tree, whatever this machine's GPUs are."""
-    empty_root = tmp_path / "sysfs-root"
-    empty_root.mkdir()
-    monkeypatch.setattr(server_module, "device_environment",
-                        functools.partial(devices.device_environment, sysfs_root=str(empty_root)))
-
-
-@pytest.fixture
-def model_file(tmp_path):
-    path = tmp_path / "m.gguf"
-    path.write_bytes(b"GGUF" + b"\0" * 64)
-    return str(path)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_gpus")]
 
 
 def _environ(pid: int) -> dict:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from canned_server import CannedServer  # noqa: I001
 
 import llamarocm
 from llamarocm.client import Client
-from llamarocm.model import Model
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -25,17 +23,8 @@ DONE = {"content": "", "tokens": [], "stop": True, "stop_type": "eos"}
 
 
 @pytest.fixture
-def canned():
-    server = CannedServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def model(canned):
-    m = Model(Client(canned.url, api_key="k"))
-    yield m
-    m.close()
+def model(canned_model):
+    return canned_model
 
 
 def test_completion_stream_yields_tokens_ids_and_metrics(model, canned):
