@@ -5,29 +5,32 @@
                                      [--parallel LIST] [--repeat N] [--resume-lines N] [--quick]
                                      [--output FILE]
 
-Three figures, each side by side in one run, in alternating order, ``--repeat`` times:
+Three figures, measured side by side in one run, in rotating order, ``--repeat`` times:
 
 * **map against raw**, for each ``parallel=`` in ``--parallel`` (one server each):
   ``model.map(prompts)`` against the best raw client we can write, a
   ``ThreadPoolExecutor`` with one thread per slot, each streaming from ``/completion``
   with ``http.client`` (``llamarocm.bench.baselines.RawTarget``) the very JSON body
   ``map`` sends. Reported: tokens per second of the whole batch, and their ratio.
-* **durable against in-memory**, at the largest ``parallel=``: ``map(prompts,
-  checkpoint=FILE)`` into a new file each time (one line written per item, fsync once a
-  second) against ``map(prompts)``.
+* **durable against in-memory**, on the largest server, in the same rotation:
+  ``map(prompts, checkpoint=FILE)`` into a new file each time (a line written per
+  item, fsync once a second) against the in-memory ``map(prompts)`` of the same
+  repetition.
 * **resume**: opening a checkpoint of ``--resume-lines`` lines and finding which of as
   many items are done (reading, parsing, hashing every prompt): what a rerun of a
   large batch costs before its first request. No server.
 
-Every request is greedy and ignores end-of-text, so both sides generate the same number
-of tokens, ``--max-tokens`` per prompt; the prompts share a prefix that the slots keep
-cached, so the batch measures generation and the client, not prefill. Prints a table
-and writes JSON to benchmarks/results/batch.json (or ``--output``).
+Every request is greedy and ignores end-of-text, so every side generates the same
+number of tokens, ``--max-tokens`` per prompt (4 by default: short answers, so that
+what each item costs besides its tokens, the client's share included, weighs most);
+the prompts share a prefix that the slots keep cached. Prints a table and writes JSON
+to benchmarks/results/batch.json (or ``--output``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -45,7 +48,7 @@ import llamarocm  # noqa: E402
 from llamarocm import bench  # noqa: E402  (its statistics, columns and JSON, as llamarocm bench reports)
 from llamarocm.batch import BatchItem, read_back  # noqa: E402
 from llamarocm.bench.baselines import RawTarget  # noqa: E402
-from llamarocm.bench.common import PROMPT, alternate, loadavg  # noqa: E402
+from llamarocm.bench.common import PROMPT, loadavg  # noqa: E402
 from llamarocm.checkpoint import Checkpoint, Record  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "batch.json"
@@ -91,53 +94,47 @@ def _summary(ours: List[Dict[str, float]], base: List[Dict[str, float]]) -> Dict
     }
 
 
-def map_vs_raw(args: argparse.Namespace, model_path: str, slots: int) -> Dict[str, Any]:
-    batch = prompts(args.prompts)
-    load_before = loadavg()
-    with llamarocm.load_model(model_path, parallel=slots, context_length=512, server_path=args.server) as model:
-        target = RawTarget(model)
-        # Warm-up: the prefix into every slot's cache, first-request allocations, imports.
-        _ours(model, batch[: 2 * slots], args.max_tokens)
-        _raw(target, batch[: 2 * slots], args.max_tokens, slots)
-        ours: List[Dict[str, float]] = []
-        raw: List[Dict[str, float]] = []
-        for i in range(args.repeat):
-            o, r = alternate(
-                i,
-                lambda: _timed(lambda: _ours(model, batch, args.max_tokens)),
-                lambda: _timed(lambda: _raw(target, batch, args.max_tokens, slots)),
-            )
-            ours.append(o)
-            raw.append(r)
-            bench_log(f"  parallel={slots}: map {o['tok_s']:.1f} tok/s, raw {r['tok_s']:.1f} tok/s")
-    return {"parallel": slots, **_summary(ours, raw), "load_average": {"start": load_before, "end": loadavg()}}
-
-
-def durable_vs_memory(args: argparse.Namespace, model_path: str, slots: int) -> Dict[str, Any]:
+def on_one_server(args: argparse.Namespace, model_path: str, slots: int, durable: bool) -> Dict[str, Any]:
+    """One server with ``slots`` slots: map against raw and, with ``durable``, the
+    durable map too, in rotating order; the figures of that server."""
     batch = prompts(args.prompts)
     load_before = loadavg()
     with tempfile.TemporaryDirectory() as folder, llamarocm.load_model(
         model_path, parallel=slots, context_length=512, server_path=args.server
     ) as model:
-        _ours(model, batch[: 2 * slots], args.max_tokens, os.path.join(folder, "warm-up.jsonl"))
-        durable: List[Dict[str, float]] = []
-        memory: List[Dict[str, float]] = []
+        target = RawTarget(model)
+        runners: Dict[str, Callable[[int], int]] = {
+            "map": lambda i: _ours(model, batch, args.max_tokens),
+            "raw": lambda i: _raw(target, batch, args.max_tokens, slots),
+        }
+        if durable:
+            # A new file each time: every item runs and is written.
+            runners["durable"] = lambda i: _ours(model, batch, args.max_tokens, os.path.join(folder, f"{i}.jsonl"))
+        # Warm-up: the prefix into every slot's cache, first-request allocations, imports.
+        warm = batch[: 2 * slots]
+        _ours(model, warm, args.max_tokens)
+        _raw(target, warm, args.max_tokens, slots)
+        if durable:
+            _ours(model, warm, args.max_tokens, os.path.join(folder, "warm-up.jsonl"))
+        runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in runners}
+        names = list(runners)
         for i in range(args.repeat):
-            path = os.path.join(folder, f"run-{i}.jsonl")  # a new file: every item runs
-            d, m = alternate(
-                i,
-                lambda path=path: _timed(lambda: _ours(model, batch, args.max_tokens, path)),
-                lambda: _timed(lambda: _ours(model, batch, args.max_tokens)),
-            )
-            durable.append(d)
-            memory.append(m)
-            bench_log(f"  parallel={slots}: durable {d['tok_s']:.1f} tok/s, in memory {m['tok_s']:.1f} tok/s")
-    return {"parallel": slots, **_summary(durable, memory), "load_average": {"start": load_before, "end": loadavg()}}
+            for name in names[i % len(names):] + names[: i % len(names)]:  # who goes first rotates
+                runs[name].append(_timed(functools.partial(runners[name], i)))
+            bench_log(f"  parallel={slots}: " + ", ".join(f"{n} {runs[n][-1]['tok_s']:.1f} tok/s" for n in names))
+    load = {"start": load_before, "end": loadavg()}
+    figures = {"map_vs_raw": {"parallel": slots, **_summary(runs["map"], runs["raw"]), "load_average": load}}
+    if durable:
+        figures["durable_vs_memory"] = {
+            "parallel": slots, **_summary(runs["durable"], runs["map"]), "load_average": load
+        }
+    return figures
 
 
 def resume_cost(lines: int, repeat: int) -> Dict[str, Any]:
     """Seconds to open a checkpoint of ``lines`` finished items and to find them all done."""
-    items = [BatchItem(f"{PROMPT} {i}", {"max_tokens": 16}, i) for i in range(lines)]
+    options = {"max_tokens": 16}  # one mapping for all, as map() and llamarocm batch share it
+    items = [BatchItem(f"{PROMPT} {i}", options, i) for i in range(lines)]
     metrics = {"prompt_tokens": 30, "generated_tokens": 16, "time_to_first_token": 0.05,
                "total_duration": 0.5, "prefill_tokens_per_second": 600.0, "decode_tokens_per_second": 35.0}
     with tempfile.TemporaryDirectory() as folder:
@@ -182,9 +179,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model", help="a .gguf file (default: the embedded Gemma 3 270M)")
     parser.add_argument("--server", help="llama-server binary (default: searched)")
     parser.add_argument("--prompts", type=int, default=200, help="prompts per batch (default 200)")
-    parser.add_argument("--max-tokens", type=int, default=8, help="tokens per prompt (default 8)")
+    parser.add_argument("--max-tokens", type=int, default=4, help="tokens per prompt (default 4)")
     parser.add_argument("--parallel", default="1,2,4", help="slot counts for map against raw (default 1,2,4)")
-    parser.add_argument("--repeat", type=int, default=3, help="pairs of batches per figure (default 3)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of batches per server (default 5)")
     parser.add_argument("--resume-lines", type=int, default=100_000, help="lines of the resume figure (100,000)")
     parser.add_argument("--quick", action="store_true", help="a tiny run that only checks that everything works")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help=f"JSON file (default {DEFAULT_OUTPUT})")
@@ -210,8 +207,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     started = time.time()
     load_before = loadavg()
     result: Dict[str, Any] = {"options": {k: v for k, v in vars(args).items() if k != "output"}}
-    result["map_vs_raw"] = [map_vs_raw(args, model_path, slots) for slots in args.parallel]
-    result["durable_vs_memory"] = durable_vs_memory(args, model_path, max(args.parallel))
+    result["map_vs_raw"] = []
+    for slots in args.parallel:
+        # The durable map is measured on the largest server, in the same rotation.
+        figures = on_one_server(args, model_path, slots, durable=slots == max(args.parallel))
+        result["map_vs_raw"].append(figures["map_vs_raw"])
+        if "durable_vs_memory" in figures:
+            result["durable_vs_memory"] = figures["durable_vs_memory"]
     result["resume"] = resume_cost(args.resume_lines, args.repeat)
     result["environment"] = {
         "model": model_path,

@@ -14,7 +14,7 @@ import math
 import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Union
 
 from .checkpoint import Checkpoint, ItemId, Record, item_hash, settings_identity
@@ -93,11 +93,15 @@ def _check_arguments(
         raise TypeError("progress must be callable(done, total)")
 
 
+_METRICS_FIELDS = tuple(f.name for f in fields(GenerateMetrics))
+
+
 def _metrics_fields(metrics: Optional[GenerateMetrics]) -> Optional[Dict[str, Any]]:
     if metrics is None:
         return None
+    values = {name: getattr(metrics, name) for name in _METRICS_FIELDS}
     # A rate the server could not compute must not make the line invalid JSON.
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(metrics).items()}
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
 
 
 def _record(index: int, item: BatchItem, digest: str, result: BatchResult) -> Optional[Record]:
@@ -110,9 +114,6 @@ def _record(index: int, item: BatchItem, digest: str, result: BatchResult) -> Op
     if isinstance(result.error, SkippedError):
         return None
     return Record.failure(index, item.id, digest, result.error, _metrics_fields(result.metrics))
-
-
-_METRICS_FIELDS = tuple(f.name for f in fields(GenerateMetrics))
 
 
 def _read_back(prompt: Prompt, record: Record) -> BatchResult:

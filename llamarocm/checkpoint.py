@@ -53,7 +53,12 @@ _MESSAGE_LIMIT = 2000
 # (after timeouts) must not redo the items that finished.
 _NOT_IDENTITY = frozenset({"timeout"})
 
-_DEFAULTS = GenerateConfig()
+# Each field that counts: its name, its default, whether it is a float setting.
+_IDENTITY_FIELDS = tuple(
+    (f.name, getattr(GenerateConfig(), f.name), "float" in str(f.type))
+    for f in fields(GenerateConfig)
+    if f.name not in _NOT_IDENTITY
+)
 
 
 def canonical_json(value: Any) -> str:
@@ -71,15 +76,15 @@ def settings_identity(config: GenerateConfig) -> str:
     (``temperature=0`` is ``temperature=0.0``).
     """
     chosen: Dict[str, Any] = {}
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if f.name in _NOT_IDENTITY or value == getattr(_DEFAULTS, f.name):
+    for name, default, is_float in _IDENTITY_FIELDS:
+        value = getattr(config, name)
+        if value == default:
             continue
-        if isinstance(value, int) and not isinstance(value, bool) and "float" in str(f.type):
+        if is_float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif isinstance(value, tuple):
             value = list(value)
-        chosen[f.name] = value
+        chosen[name] = value
     return canonical_json(chosen)
 
 
@@ -314,7 +319,8 @@ class Checkpoint:
         self.path = _check_path(path)
         self._interval = sync_interval
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the descriptor, the size, the sync state
+        self._sync_lock = threading.Lock()  # a sync against the close
         fd, created = _open_locked(self.path)
         try:
             data = _read_all(fd)
@@ -352,42 +358,59 @@ class Checkpoint:
         """
         line = record.line()
         with self._lock:
-            if self._fd < 0:
-                raise ValueError(f"checkpoint {self.path} is closed")
-            if self._broken is not None:
-                raise OSError(self._broken.errno, f"an earlier write to {self.path} failed: {self._broken}")
-            try:
-                written = 0
-                while written < len(line):  # a regular file takes it whole; a full disk may not
-                    written += os.write(self._fd, line[written:])
-            except OSError as exc:
-                self._broken = exc
-                try:
-                    os.ftruncate(self._fd, self._size)
-                except OSError:
-                    pass
-                raise
-            self._size += len(line)
-            self._unsynced = True
+            self._write(line)
             now = self._clock()
-            if now - self._synced_at >= self._interval:
-                self._sync(now)
+            due = now - self._synced_at >= self._interval
+            if due:
+                # Claimed under the lock, so one writer syncs; the sync itself runs
+                # outside it, so a slow disk holds up this writer only, not the others.
+                self._synced_at = now
+                self._unsynced = False
+        if due:
+            self._sync()
 
-    def _sync(self, now: float) -> None:
-        os.fsync(self._fd)
-        self._synced_at = now
-        self._unsynced = False
+    def _write(self, line: bytes) -> None:
+        if self._fd < 0:
+            raise ValueError(f"checkpoint {self.path} is closed")
+        if self._broken is not None:
+            raise OSError(self._broken.errno, f"an earlier write to {self.path} failed: {self._broken}")
+        try:
+            written = 0
+            while written < len(line):  # a regular file takes it whole; a full disk may not
+                written += os.write(self._fd, line[written:])
+        except OSError as exc:
+            self._broken = exc
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+            raise
+        self._size += len(line)
+        self._unsynced = True
+
+    def _sync(self) -> None:
+        # fsync covers every line written before it starts, whoever wrote them.
+        with self._sync_lock:
+            if self._fd < 0:
+                return  # closed meanwhile, and synced by the close
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                with self._lock:
+                    self._unsynced = True
+                raise
 
     def close(self) -> None:
         """Sync what was appended since the last sync, close the file, release the
         lock. Idempotent."""
-        with self._lock:
+        with self._sync_lock, self._lock:  # in this order, as a failing sync takes them
             fd = self._fd
             if fd < 0:
                 return
             try:
                 if self._unsynced:
-                    self._sync(self._clock())
+                    os.fsync(fd)
+                    self._unsynced = False
             finally:
                 self._fd = -1
                 os.close(fd)

@@ -244,6 +244,29 @@ def test_a_new_file_and_a_repair_are_synced_at_once(tmp_path, monkeypatch):
     assert len(synced) == 2  # the cut
 
 
+def test_a_failing_sync_is_raised_to_the_writer_and_retried_at_the_close(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "r.jsonl"
+    path.touch()
+    clock = _Clock()
+    file = Checkpoint(path, clock=clock)
+
+    def broken(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    clock.now += 2
+    with pytest.raises(OSError, match="Input/output"):
+        file.append(_ok(0))
+    with pytest.raises(OSError, match="Input/output"):
+        file.close()  # the line is still not on the disk: the close says so
+    assert file._fd == -1  # closed all the same, and the lock released
+    with pytest.raises(RuntimeError):
+        with Checkpoint(path, clock=clock) as again:
+            again.append(_ok(1))
+            raise RuntimeError("the caller's error")
+    assert "the last sync failed" in caplog.text  # logged, the caller's error raised
+
+
 def test_a_failed_write_takes_back_its_part_and_stops_the_file(tmp_path, monkeypatch):
     path = tmp_path / "r.jsonl"
     file = Checkpoint(path)
