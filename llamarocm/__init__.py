@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from . import errors
+from .act import ActResult
 from .batch import BatchResult
 from .config import GenerateConfig, LoadConfig
 from .devices import GPUDevice, VRAMInfo, check_fits, list_devices, vram_info
@@ -18,9 +19,12 @@ from .errors import *  # noqa: F403 - the whole tree, as errors.__all__ lists it
 from .gguf import GGUFMetadata, ModelInfo, discover_models, read_metadata
 from .loading import connect, load_model
 from .model import Model
+from .pool import ModelPool
 from .rpc import RpcWorker
 from .server import Server
+from .session import ChatSession
 from .stream import GenerateMetrics, Token, TokenStream, TopLogprob
+from .tools import ToolCall
 
 __version__ = "0.1.0"
 
@@ -29,9 +33,13 @@ __all__ = [
     "load_model",
     "connect",
     "Model",
+    "ModelPool",
+    "ChatSession",
     "TokenStream",
     "Token",
     "TopLogprob",
+    "ToolCall",
+    "ActResult",
     "GenerateMetrics",
     "BatchResult",
     "Server",

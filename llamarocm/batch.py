@@ -18,8 +18,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Union
 
 from .checkpoint import Checkpoint, ItemId, Record, item_hash, settings_identity
-from .config import GenerateConfig, check_prompts
+from .config import GenerateConfig
 from .errors import SkippedError
+from .messages import check_prompts
 from .stream import GenerateMetrics, TokenStream
 
 __all__ = ["BatchItem", "BatchResult", "BatchRun", "Resume", "read_back", "run_batch", "run_items"]
@@ -121,8 +122,10 @@ def _read_back(prompt: Prompt, record: Record) -> BatchResult:
     metrics = None
     if record.metrics is not None:
         try:
-            metrics = GenerateMetrics(**{name: record.metrics[name] for name in _METRICS_FIELDS})
-        except KeyError:
+            # A field added later (with a default) is absent from older lines.
+            metrics = GenerateMetrics(**{name: record.metrics[name] for name in _METRICS_FIELDS
+                                         if name in record.metrics})
+        except TypeError:  # a field without a default is missing
             metrics = None
     return BatchResult(prompt, record.text, None, metrics, record.finish_reason)
 
@@ -226,6 +229,15 @@ class Resume:
     def pending(self) -> int:
         """How many items must run."""
         return sum(result is None for result in self.results)
+
+    def save(self, index: int, item: BatchItem, result: BatchResult) -> None:
+        """Append the line of ``item`` (the one at ``index``) for ``result``, to be
+        called before the result is reported; nothing for an item that did not finish
+        (skipped, cancelled), which the next run does. For runners other than
+        :func:`run_items` (the Ray driver); an ``OSError`` must stop the run."""
+        record = _record(index, item, self.digests[index], result)
+        if record is not None:
+            self.checkpoint.append(record)
 
 
 def read_back(items: Sequence[BatchItem], checkpoint: Checkpoint) -> Resume:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, NoReturn, Optional, TextIO, Tuple, TypeAlias, Union
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple, TypeAlias, Union
 
 import llamarocm
 
@@ -24,9 +25,12 @@ from ._binaries import SOURCE_BUILD_REQUIREMENT, find_binary
 from ._default_model import default_model_path
 from .batch import BatchItem, BatchResult, Resume, read_back, run_items
 from .checkpoint import Checkpoint
-from .config import GenerateConfig, LoadConfig, check_messages
+from .config import GenerateConfig, LoadConfig
+from .lora import parse_lora
+from .messages import check_messages
 from .rpc import DEFAULT_STARTUP_TIMEOUT as WORKER_STARTUP_TIMEOUT
 from .rpc import check_worker_arguments
+from .tools import check_tools
 
 #: Each command's examples, shown at the end of its ``--help`` (all of them in ``llamarocm --help``).
 EXAMPLES: Dict[str, Tuple[str, ...]] = {
@@ -34,8 +38,14 @@ EXAMPLES: Dict[str, Tuple[str, ...]] = {
         'llamarocm generate "Once upon a time" --max-tokens 64',
         'llamarocm generate "A person, as JSON:" --json-schema person.json --max-tokens 128 --temperature 0',
     ),
-    "chat": ("llamarocm chat --model ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf --gpu-layers all --devices 0",),
-    "batch": ("llamarocm batch prompts.jsonl results.jsonl --max-tokens 128 --temperature 0 --parallel 4",),
+    "chat": (
+        "llamarocm chat --model ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf --gpu-layers all --devices 0",
+        "llamarocm chat --model ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf --tools mytools:get_weather,mytools:now",
+    ),
+    "batch": (
+        "llamarocm batch prompts.jsonl results.jsonl --max-tokens 128 --temperature 0 --parallel 4",
+        "llamarocm batch prompts.jsonl results.jsonl --model /models/m.gguf --ray auto --replicas 8 --parallel 4",
+    ),
     "models": ("llamarocm models ~/models --recursive",),
     "info": ("llamarocm info ~/models/gemma-3-270m-q4_k_m.gguf --json",),
     "vram": ("llamarocm vram --json",),
@@ -133,6 +143,43 @@ def _gpu_layers(text: str) -> Union[int, str]:
         raise argparse.ArgumentTypeError(f"expected auto, all or a number of layers (-1: all), got {text!r}") from None
 
 
+def _lora_spec(text: str) -> Tuple[str, float]:
+    """``--lora PATH[:SCALE]``: an adapter and its scale (1.0 when none is given; a
+    path with a colon of its own takes one, as in ``a:b.gguf:1``)."""
+    path, colon, tail = text.rpartition(":")
+    if colon and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _tool_functions(text: str) -> List[Callable[..., Any]]:
+    """``--tools module:function,...``: the functions, imported (the current directory
+    first on the path, as ``python -m`` has it) and checked while the command line is
+    parsed, so a bad spec is a usage error before any model loads."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    functions = []
+    for spec in filter(None, (item.strip() for item in text.split(","))):
+        module_name, colon, name = spec.partition(":")
+        if not colon or not module_name or not name:
+            raise argparse.ArgumentTypeError(f"{spec!r} is not module:function")
+        try:
+            function = getattr(importlib.import_module(module_name), name)
+        except Exception as exc:  # ImportError, AttributeError, or the module's own error
+            raise argparse.ArgumentTypeError(f"cannot import {spec}: {type(exc).__name__}: {exc}") from None
+        try:
+            check_tools([function])
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"{spec} cannot be a tool: {exc}") from None
+        functions.append(function)
+    if not functions:
+        raise argparse.ArgumentTypeError("name at least one module:function")
+    return functions
+
+
 def _refuse_constant(name: str) -> NoReturn:
     # json accepts NaN and Infinity, which are not JSON and which llama-server refuses.
     raise ValueError(f"{name} is not a JSON value")
@@ -176,6 +223,7 @@ def _load_options(args: argparse.Namespace) -> Dict[str, Any]:
         "devices": args.devices,
         "server_path": args.server,
         "rpc": _rpc_addresses(args),
+        "lora": args.lora,
     }
     # Only batch has --parallel: generate and chat run one request at a time.
     if getattr(args, "parallel", None) is not None:
@@ -187,7 +235,9 @@ def _check_generation_options(args: argparse.Namespace) -> None:
     """Build the configs ``generate`` and ``chat`` will use, so a bad option is a usage
     error before a model is found, assembled or loaded."""
     GenerateConfig.from_kwargs(_generation_options(args))
-    LoadConfig(args.model if args.model is not None else _EMBEDDED_MODEL_STAND_IN, **_load_options(args))
+    options = _load_options(args)
+    parse_lora(options.pop("lora"))  # the files are checked by load_model, once the model is known
+    LoadConfig(args.model if args.model is not None else _EMBEDDED_MODEL_STAND_IN, **options)
 
 
 def _check_worker_options(args: argparse.Namespace) -> None:
@@ -227,6 +277,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             lambda: input("> " if interactive else ""),
             sys.stdout,
             system=args.system,
+            tools=[function for functions in args.tools or () for function in functions],
             **_generation_options(args),
         )
     return 0
@@ -238,14 +289,17 @@ def chat_loop(
     out: TextIO,
     *,
     system: Optional[str] = None,
+    tools: Sequence[Callable[..., Any]] = (),
     **options: Any,
-) -> List[Dict[str, str]]:
+) -> List[Dict[str, Any]]:
     """The REPL: read a line, stream the reply, keep the history; return the history.
 
     ``/reset`` clears the history (keeping the system message), ``/exit`` or end of
-    input quits, Ctrl-C during a reply stops that reply only.
+    input quits, Ctrl-C during a reply stops that reply only. With ``tools``, each
+    reply is :meth:`~llamarocm.Model.act`'s: the calls are shown as they were run,
+    then the answer.
     """
-    history: List[Dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    history: List[Dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     kept = len(history)
     while True:
         try:
@@ -260,6 +314,9 @@ def chat_loop(
             del history[kept:]
             continue
         history.append({"role": "user", "content": text})
+        if tools:
+            history[:] = _act_reply(model, history, tools, out, options)
+            continue
         reply = []
         stream = model.chat(history, **options)
         try:
@@ -274,6 +331,30 @@ def chat_loop(
         out.write("\n")
         out.flush()
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _act_reply(
+    model: "llamarocm.Model", history: List[Dict[str, Any]], tools: Sequence[Callable[..., Any]], out: TextIO,
+    options: Dict[str, Any],
+) -> List[Dict[str, Any]]:
+    """One turn of the REPL with tools: the history after it (the user's line dropped
+    if Ctrl-C stopped the turn)."""
+    try:
+        result = model.act(history, tools, **options)
+    except KeyboardInterrupt:
+        out.write(" [stopped]\n")
+        out.flush()
+        return history[:-1]
+    for message in result.messages[len(history):]:
+        if message["role"] == "tool":
+            out.write(f"[{message.get('name')} -> {message['content']}]\n")
+        for call in message.get("tool_calls") or ():
+            out.write(f"[call {call['function']['name']}({call['function']['arguments']})]\n")
+    if not result.finished:
+        out.write(f"[stopped after {result.rounds} rounds with calls pending]\n")
+    out.write(result.text + "\n")
+    out.flush()
+    return result.messages
 
 
 # -- batch -------------------------------------------------------------------------
@@ -346,9 +427,48 @@ def _check_batch_options(args: argparse.Namespace) -> None:
     """The options, then the whole input file: a bad line is a usage error before the
     output file is touched or a model loads. The items are kept for the run."""
     _check_generation_options(args)
+    _check_ray_options(args)
     if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.input, args.output):
         raise ValueError("INPUT and OUTPUT must be different files")
     args.batch_items = read_batch_input(args.input, _generation_options(args))
+
+
+def _ray_load_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """Each replica's ``load_model()`` options: those given (Ray chooses the devices)."""
+    options = _load_options(args)
+    return {name: value for name, value in options.items() if value not in (None, []) and name != "devices"}
+
+
+def _check_ray_options(args: argparse.Namespace) -> None:
+    """``--ray`` and its options, with the library's checks; Ray is imported only here,
+    and only with ``--ray``."""
+    if args.ray is None:
+        given = [flag for flag, value in (("--replicas", args.replicas), ("--gpus-per-replica", args.gpus_per_replica))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} --ray")
+        return
+    if not args.ray.strip():
+        raise ValueError("--ray needs auto or the address of a Ray cluster (HOST:PORT)")
+    if args.devices is not None:
+        raise ValueError("--devices does not go with --ray: Ray chooses each replica's GPUs (--gpus-per-replica)")
+    if args.rpc:
+        raise ValueError("--rpc does not go with --ray: each replica runs the whole model on its own node")
+    try:
+        import llamarocm.ray
+    except ImportError as exc:
+        raise ValueError(f"--ray needs Ray, which does not import here ({exc}): pip install 'llamarocm[ray]'") from None
+    llamarocm.ray.check_pool_arguments(
+        args.model if args.model is not None else _EMBEDDED_MODEL_STAND_IN,
+        _ray_load_options(args),
+        **_ray_pool_options(args),
+    )
+
+
+def _ray_pool_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The options of ``--ray``'s replica pool that were given (the pool's defaults otherwise)."""
+    options = {"replicas": args.replicas, "gpus_per_replica": args.gpus_per_replica}
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _duration(seconds: float) -> str:
@@ -416,7 +536,41 @@ class _BatchTally:
         }
 
 
+def _run_batch_on_ray(args: argparse.Namespace, items: List[BatchItem], resume: Resume, tally: _BatchTally) -> None:
+    """The batch over a pool of replicas on the Ray cluster ``--ray`` names; the output
+    file stays on this machine, written as each item comes back."""
+    import ray
+
+    import llamarocm.ray
+
+    # A program that calls main() already connected keeps its connection (and Ray
+    # refuses a second init); otherwise this command connects, and disconnects after.
+    connect = not ray.is_initialized()
+    if connect:
+        # log_to_driver=False: the workers' output must not mix with --json on stdout.
+        try:
+            ray.init(address=args.ray, log_to_driver=False,
+                     logging_level=logging.INFO if args.debug else logging.WARNING)
+        except ConnectionError as exc:  # Ray's message names its own flags: say it in ours
+            raise ConnectionError(
+                f"cannot connect to a Ray cluster (--ray {args.ray}): {exc} Start one with 'ray start --head', "
+                "or give its head's HOST:PORT"
+            ) from exc
+    try:
+        with llamarocm.ray.ReplicaPool(
+            _model_path(args.model), load_options=_ray_load_options(args), **_ray_pool_options(args)
+        ) as pool:
+            tally.started = time.monotonic()  # the rate leaves Ray's connection out
+            pool.run_items(items, progress=tally.progress, on_result=tally.result, resume=resume)
+    finally:
+        if connect:
+            ray.shutdown()
+
+
 def _run_batch(args: argparse.Namespace, items: List[BatchItem], resume: Resume, tally: _BatchTally) -> None:
+    if args.ray is not None:
+        _run_batch_on_ray(args, items, resume, tally)
+        return
     with _load(args) as model:
         tally.started = time.monotonic()  # the rate and the time left leave the load out
         run_items(
@@ -625,6 +779,8 @@ def _add_generation_options(p: argparse.ArgumentParser, *, max_tokens: int) -> N
                    help="GPU indices to use, e.g. 0,1 (default: every discrete GPU)")
     p.add_argument("--rpc", action="append", metavar="HOST:PORT",
                    help="an RPC worker (llamarocm rpc-worker) to put layers on; repeat, or list with commas")
+    p.add_argument("--lora", action="append", type=_lora_spec, metavar="PATH[:SCALE]",
+                   help="a LoRA adapter (GGUF) to apply, at SCALE (default 1); repeat for several")
     p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
                    help=f"at most N tokens (default {max_tokens})")
     p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (0: the likeliest token)")
@@ -649,6 +805,9 @@ def _add_chat(sub: _Subparsers) -> None:
     chat = _add_command(sub, "chat", "Chat with a model in the terminal, keeping the conversation's history.")
     _add_generation_options(chat, max_tokens=256)
     chat.add_argument("--system", metavar="TEXT", help="a system message to start with")
+    chat.add_argument("--tools", action="append", type=_tool_functions, metavar="MODULE:FUNCTION,...",
+                      help="Python functions the model may call (each reply runs the tool loop); "
+                      "repeat, or list with commas")
     chat.set_defaults(func=cmd_chat)
 
 
@@ -661,14 +820,22 @@ def _add_batch(sub: _Subparsers) -> None:
         "with optional settings of its own (max_tokens, temperature, json_schema...) that "
         "override the command line's. Exit status: 0 when every item is done, 1 when some "
         "failed (their errors are in OUTPUT), 2 for a usage error or a bad INPUT line, "
-        "130 when interrupted."
+        "130 when interrupted. With --ray, the prompts run on replicas of the model on a "
+        "Ray cluster (--parallel slots each), and OUTPUT is written on this machine."
     )
     batch.add_argument("input", metavar="INPUT", help="prompts, one JSON object a line")
     batch.add_argument("output", metavar="OUTPUT", help="results, one JSON object a line (appended to)")
     _add_generation_options(batch, max_tokens=256)
     batch.add_argument("--parallel", type=int, default=4, metavar="N",
-                       help="requests the server runs at once (default 4)")
+                       help="requests the server (each replica's, with --ray) runs at once (default 4)")
     batch.add_argument("--json", action="store_true", help="print a summary as JSON at the end")
+    ray = batch.add_argument_group("on a Ray cluster (the ray extra)")
+    ray.add_argument("--ray", metavar="auto|ADDRESS",
+                     help="run on replicas on a Ray cluster: auto (RAY_ADDRESS, or the cluster this machine "
+                          "runs) or the head's HOST:PORT; the model path must be valid on every node")
+    ray.add_argument("--replicas", type=int, metavar="N", help="replicas, each its own llama-server (default 1)")
+    ray.add_argument("--gpus-per-replica", type=float, metavar="G",
+                     help="GPUs Ray gives each replica (default 1; 0.5: two share one; 0: the CPU)")
     batch.set_defaults(func=cmd_batch, check_options=_check_batch_options)
 
 

@@ -120,7 +120,8 @@ class Client:
     def get_json(self, path: str) -> Any:
         return self._call("GET", path, None)
 
-    def post_json(self, path: str, body: Dict[str, Any]) -> Any:
+    def post_json(self, path: str, body: Any) -> Any:
+        """POST ``body`` (JSON: an object, or a list as ``/lora-adapters`` takes)."""
         return self._call("POST", path, body)
 
     def props(self) -> Dict[str, Any]:
@@ -131,7 +132,7 @@ class Client:
         slots: List[Dict[str, Any]] = self.get_json("/slots")
         return slots
 
-    def _call(self, method: str, path: str, body: Optional[Dict[str, Any]]) -> Any:
+    def _call(self, method: str, path: str, body: Any) -> Any:
         timeout = self.request_timeout
         data = None if body is None else _encode(body)
         started = time.monotonic()
@@ -198,7 +199,7 @@ def _body_reader(resp: http.client.HTTPResponse) -> Callable[[int], bytes]:
     return read
 
 
-def _encode(body: Dict[str, Any]) -> bytes:
+def _encode(body: Any) -> bytes:
     try:
         # allow_nan=False: NaN is not JSON, and llama-server would refuse the request.
         return json.dumps(body, allow_nan=False).encode()

@@ -11,9 +11,9 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-__all__ = ["GenerateConfig", "LoadConfig", "check_messages", "check_prompts"]
+__all__ = ["GenerateConfig", "LoadConfig"]
 
 # Fields the stream itself sets and reads back; overriding one would break it.
 _RESERVED_FIELDS = frozenset({"prompt", "stream", "return_tokens", "messages"})
@@ -41,6 +41,13 @@ _MANAGED_FLAGS: Dict[str, str] = {
     "--n-gpu-layers": "use gpu_layers=",
     "-t": "use threads=",
     "--threads": "use threads=",
+    "-cram": "use cache_ram= (MiB)",
+    "--cache-ram": "use cache_ram= (MiB)",
+    # A second path would win, and saved sessions would look for slot files in ours.
+    "--slot-save-path": "use sessions=True (slot files go to a private directory)",
+    # Adapters given here would shift the ids of those given as lora=.
+    "--lora": "use lora= (each adapter is checked, and requests name it)",
+    "--lora-scaled": "use lora=[(path, scale)]",
 }
 
 #: Generous default for ``timeout=``: a stream that sends nothing for this long is dead.
@@ -170,6 +177,22 @@ def check_devices(value: Any) -> Optional[Tuple[int, ...]]:
     return tuple(value)
 
 
+def check_lora_scales(name: str, value: Any) -> Optional[Dict[str, float]]:
+    """``value`` (``{adapter name: scale}``) as a dict of floats, ``None`` for ``None``
+    or an empty mapping. Whether the names exist is for the model to check."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict of {{adapter name: scale}}, not {type(value).__name__}")
+    scales: Dict[str, float] = {}
+    for key, scale in value.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"{name}'s keys must be adapter names (non-empty strings), got {key!r:.80}")
+        check_float(f"{name}[{key!r}]", scale, -FLOAT32_MAX, FLOAT32_MAX)
+        scales[key] = float(scale)
+    return scales or None
+
+
 def _check_json(name: str, value: Any) -> None:
     """Refuse what cannot go into a request body: llama-server parses strict JSON."""
     try:
@@ -188,7 +211,9 @@ class GenerateConfig:
     dict) or ``grammar`` (GBNF text) constrain the output through llama-server's
     constrained decoding; ``logprobs=N`` fills each token's ``logprob`` and its ``N``
     most likely alternatives (as the server reports them: before constraints and
-    sampling). ``extra`` is merged into the
+    sampling). ``lora`` (``{adapter name: scale}``) sets this request's scale of
+    adapters the model was loaded with (see :meth:`~llamarocm.Model.set_lora`);
+    an empty dict is ``None``. ``extra`` is merged into the
     request body as-is (like openai's ``extra_body``), for server options this class
     does not name. ``timeout`` is the longest silence, in seconds, before the stream
     raises :class:`~llamarocm.StreamTimeoutError` and is cancelled.
@@ -210,9 +235,11 @@ class GenerateConfig:
     logprobs: Optional[int] = None
     timeout: float = DEFAULT_STREAM_TIMEOUT
     extra: Mapping[str, Any] = field(default_factory=dict)
+    lora: Optional[Mapping[str, float]] = None
 
     def __post_init__(self) -> None:
         self._check_numbers()
+        object.__setattr__(self, "lora", check_lora_scales("lora", self.lora))
         stop = _string_tuple("stop", self.stop)
         if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
@@ -393,36 +420,3 @@ def _check_rpc_address(address: str) -> str:
         raise ValueError(f"rpc workers are reached over IPv4 (a name or a dotted address), got {address!r}")
     return address
 
-
-def check_prompts(prompts: Any) -> None:
-    """Refuse a batch's prompts unless each is a string or a valid message list,
-    naming the first bad one (``prompts[i]: ...``)."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise TypeError("prompts must be a list of strings or of message lists")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            try:
-                check_messages(prompt)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"prompts[{i}]: {exc}") from None
-
-
-def check_messages(messages: Any) -> List[Dict[str, Any]]:
-    """``messages`` as a list of plain dicts, or ``TypeError`` / ``ValueError`` naming
-    the first message that is not ``{"role": str, "content": str}`` or not JSON."""
-    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
-    if not messages:
-        raise ValueError("messages must not be empty")
-    checked = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise TypeError(f"messages[{i}] must be a dict, not {type(message).__name__}")
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or not role:
-            raise TypeError(f"messages[{i}]['role'] must be a non-empty str")
-        if not isinstance(content, str):
-            raise TypeError(f"messages[{i}]['content'] must be a str")
-        checked.append(dict(message))
-    _check_json("messages", checked)
-    return checked

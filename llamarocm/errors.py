@@ -12,6 +12,8 @@ The tree::
     ├── ServerCrashedError              the server died after it was ready
     ├── ClosedError                     the model or server was closed (also by a
     │                                   close() in another thread during the call)
+    ├── PoolFullError                   a ModelPool cannot load one more model: those
+    │                                   it holds are in use (until ``wait`` ran out)
     ├── RequestError                    the server refused or broke one request;
     │   │                               carries ``status`` and the server's message
     │   ├── ConnectionLostError         the connection broke without an answer (to a
@@ -22,13 +24,17 @@ The tree::
     │   └── ContextLengthError          (also a ValueError) prompt + output exceed
     │                                   the slot's context
     ├── GGUFError                       (also a ValueError) not a readable GGUF file
+    │                                   (or a LoRA adapter file that is not one)
     ├── ModelNotFoundError              (also a FileNotFoundError) no such model file
     ├── DeviceError                     no usable GPU, or the model does not fit
     ├── OutputParseError                (also a ValueError) output is not what was asked
     ├── SkippedError                    a batch item never ran: the batch was stopped
     │                                   (``fail_fast``, Ctrl-C) before its turn
-    └── CheckpointLockedError           another run is writing the same checkpoint file
-                                        (``map(checkpoint=...)``, ``llamarocm batch``)
+    ├── CheckpointLockedError           another run is writing the same checkpoint file
+    │                                   (``map(checkpoint=...)``, ``llamarocm batch``)
+    └── SessionFileError                (also a ValueError) a saved chat session cannot
+        │                               be read: not one, truncated or corrupt
+        └── SessionMismatchError        it was saved by another model or server build
 
 The builtin mix-ins mean callers who know nothing of llamarocm can still write
 ``except ValueError`` or ``except TimeoutError``. Wrong argument types and values are
@@ -51,6 +57,7 @@ __all__ = [
     "ServerStartError",
     "ServerCrashedError",
     "ClosedError",
+    "PoolFullError",
     "RequestError",
     "ConnectionLostError",
     "RequestTimeoutError",
@@ -62,6 +69,8 @@ __all__ = [
     "OutputParseError",
     "SkippedError",
     "CheckpointLockedError",
+    "SessionFileError",
+    "SessionMismatchError",
 ]
 
 
@@ -106,6 +115,13 @@ class ClosedError(LlamaRocmError):
     thread while the call or a restart ran. Nothing crashed; nothing will restart."""
 
 
+class PoolFullError(LlamaRocmError):
+    """A :class:`~llamarocm.ModelPool` has no room for one more model (``max_models``
+    or ``memory_budget``) and cannot make any: every model it holds is in use, and none
+    was released within ``wait`` seconds (or the model would not fit even in an empty
+    pool, or the only models in the way are held by the calling thread itself)."""
+
+
 class RequestError(LlamaRocmError):
     """The server rejected a request or broke it off.
 
@@ -142,7 +158,8 @@ class ContextLengthError(RequestError, ValueError):
 
 
 class GGUFError(LlamaRocmError, ValueError):
-    """The file is not a GGUF file this library can read (corrupt, truncated, v1...)."""
+    """The file is not a GGUF file this library can read (corrupt, truncated, v1...),
+    or, given as a LoRA adapter, not a LoRA adapter for the model's architecture."""
 
 
 class ModelNotFoundError(LlamaRocmError, FileNotFoundError):
@@ -154,7 +171,9 @@ class DeviceError(LlamaRocmError):
 
 
 class OutputParseError(LlamaRocmError, ValueError):
-    """The generated text is not in the requested format (e.g. ``stream.json()``)."""
+    """The generated text is not in the requested format: not JSON, or refused by the
+    pydantic model given as ``response_format`` (``stream.json()``, ``stream.parsed()``;
+    ``__cause__`` is the parser's or the validator's error)."""
 
 
 class SkippedError(LlamaRocmError):
@@ -174,6 +193,28 @@ class CheckpointLockedError(LlamaRocmError):
     def __init__(self, message: str, path: str) -> None:
         super().__init__(message)
         self.path = path
+
+
+class SessionFileError(LlamaRocmError, ValueError):
+    """A file given to :meth:`ChatSession.load <llamarocm.ChatSession.load>` is not a
+    saved chat session, or is truncated or corrupt. ``path`` is the file."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class SessionMismatchError(SessionFileError):
+    """A saved chat session belongs to another model file or llama-server build: its
+    KV state would be wrong (or refused) there, so it is never loaded.
+
+    The conversation itself is still readable: ``messages`` holds it, to start a new
+    session that evaluates it again (see :doc:`/sessions`).
+    """
+
+    def __init__(self, message: str, path: str, messages: "list[dict[str, object]]") -> None:
+        super().__init__(message, path)
+        self.messages = messages
 
 
 def _server_words(body: str) -> Tuple[str, str]:

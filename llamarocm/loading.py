@@ -10,17 +10,19 @@ import logging
 import os
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
+from ._slot_state import PrivateDirectory
 from .chat_templates import template_args
 from .client import Client
-from .config import DEFAULT_REQUEST_TIMEOUT, LoadConfig, check_timeout
+from .config import DEFAULT_REQUEST_TIMEOUT, INT32_MAX, LoadConfig, check_int, check_timeout
 from .devices import check_fits, list_devices
 from .errors import DeviceError, GGUFError, RequestError
 from .gguf import ModelInfo, read_metadata
+from .lora import LoraAdapters, LoraSpec, check_adapter_file, parse_lora
 from .model import Model
 from .rpc import LOG_VERBOSITY_ARGS, check_placement, probe_worker, rpc_placement
 from .server import LOG_LINES, ProgressCallback, Server
 
-__all__ = ["load_model", "connect", "DEFAULT_CONTEXT_CAP"]
+__all__ = ["load_model", "connect", "estimate_memory", "DEFAULT_CONTEXT_CAP"]
 
 #: llama-server's ``--pooling`` choices.
 POOLING_TYPES = ("none", "mean", "cls", "last", "rank")
@@ -50,6 +52,9 @@ def load_model(
     strict: bool = False,
     progress: Optional[ProgressCallback] = None,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    lora: Sequence[LoraSpec] = (),
+    cache_ram: Optional[int] = None,
+    sessions: bool = False,
 ) -> Model:
     """Start ``llama-server`` on the GGUF file at ``path`` and return the loaded model.
 
@@ -77,6 +82,16 @@ def load_model(
     :class:`~llamarocm.RequestTimeoutError`. A ``~`` in ``path`` or ``server_path`` is
     expanded; ``gpu_layers=-1`` and ``"auto"`` are accepted as in llama-cpp-python and
     llama-server.
+    ``lora``: LoRA adapter files, each a path (scale 1.0) or a ``(path, scale)`` pair;
+    each must be a LoRA GGUF file for the model's architecture. A request's
+    ``lora={name: scale}`` and :meth:`Model.set_lora` change the scales.
+    ``cache_ram`` is the host memory, in MiB, the server keeps evicted prompts in and
+    restores them from while it runs (``--cache-ram``; ``None``: the server's default,
+    8192; ``0`` disables it, ``-1`` sets no limit). ``sessions=True`` lets
+    :class:`~llamarocm.ChatSession` save and load KV state (see :doc:`/sessions`): the
+    server gets a private directory for slot files, removed at ``close()``, and a
+    full-size sliding-window cache (``--swa-full``, more KV memory on models such as
+    Gemma 3), without which a restored slot is not reused.
 
     >>> import llamarocm
     >>> with llamarocm.load_model("gemma.gguf", parallel=2) as model:  # doctest: +SKIP
@@ -100,28 +115,40 @@ def load_model(
         request_timeout=request_timeout,
     )
     _check_options(cfg, strict=strict, embeddings=embeddings, pooling=pooling, progress=progress)
+    _check_cache_options(cache_ram, sessions)
+    adapters = LoraAdapters.from_parsed(parse_lora(lora))
     model_path = os.path.abspath(cfg.model_path)
     metadata = read_metadata(model_path)  # a missing, unreadable or corrupt file stops here
+    adapter_bytes = sum(check_adapter_file(a.path, metadata.architecture) for a in adapters.adapters)
     info = ModelInfo.from_metadata(metadata)
     ctx = _context_length(cfg.context_length, metadata.context_length)
     template_flags, template = template_args(chat_template, metadata.chat_template, metadata.architecture)
     if cfg.gpu_layers != 0:
-        _check_memory(metadata, ctx * cfg.parallel, cfg.devices, strict)
+        _check_memory(metadata, ctx * cfg.parallel, cfg.devices, strict, adapter_bytes)
     # Model.rpc_placement is this very dict, filled anew by every start (restarts too).
     placement: Dict[str, float] = {}
     before_start, on_ready = _rpc_checks(cfg.rpc, placement) if cfg.rpc else (None, None)
+    if adapters:
+        on_ready = _with_lora_defaults(on_ready, adapters)
     embedding_flags = ["--embeddings", "--pooling", pooling or "mean"] if embeddings else []
-    server = Server(
-        model_path,
-        _server_args(cfg, ctx) + template_flags + embedding_flags,
-        server_path=None if cfg.server_path is None else os.fspath(cfg.server_path),
-        devices=cfg.devices,
-        startup_timeout=cfg.startup_timeout,
-        progress=progress,
-        before_start=before_start,
-        on_ready=on_ready,
-        request_timeout=cfg.request_timeout,
-    )
+    slot_dir = PrivateDirectory() if sessions else None
+    try:
+        server = Server(
+            model_path,
+            _server_args(cfg, ctx) + template_flags + embedding_flags + adapters.server_args()
+            + _cache_args(cache_ram, slot_dir),
+            server_path=None if cfg.server_path is None else os.fspath(cfg.server_path),
+            devices=cfg.devices,
+            startup_timeout=cfg.startup_timeout,
+            progress=progress,
+            before_start=before_start,
+            on_ready=on_ready,
+            request_timeout=cfg.request_timeout,
+        )
+    except BaseException:
+        if slot_dir is not None:
+            slot_dir.remove()
+        raise
     assert server.client is not None
     no_template = None
     if template is None:
@@ -140,7 +167,26 @@ def load_model(
         no_chat_template_reason=no_template,
         embeddings=embeddings,
         rpc_placement=placement,
+        lora=adapters,
+        slot_dir=slot_dir,
     )
+
+
+def _check_cache_options(cache_ram: Any, sessions: Any) -> None:
+    if cache_ram is not None:
+        check_int("cache_ram", cache_ram, -1, INT32_MAX)  # MiB; llama-server reads an int
+    if not isinstance(sessions, bool):
+        raise TypeError("sessions must be True or False")
+
+
+def _cache_args(cache_ram: Optional[int], slot_dir: Optional[PrivateDirectory]) -> "list[str]":
+    """The server's prompt-cache size and, for saved sessions, where slot files go."""
+    args = [] if cache_ram is None else ["--cache-ram", str(cache_ram)]
+    if slot_dir is not None:
+        # Without --swa-full a model with sliding-window attention (Gemma 3) keeps only
+        # the window's KV: a restored slot is then evaluated again from the start.
+        args += ["--slot-save-path", slot_dir.path, "--swa-full"]
+    return args
 
 
 def _check_options(
@@ -182,6 +228,21 @@ def _rpc_checks(
     return probe_workers, check_workers
 
 
+def _with_lora_defaults(
+    on_ready: Optional[Callable[[Server], None]], adapters: LoraAdapters
+) -> Callable[[Server], None]:
+    """``on_ready`` followed by setting the server's own adapter scales to the model's
+    defaults at every start (restarts too), so ``GET /lora-adapters`` tells the truth."""
+
+    def ready(server: Server) -> None:
+        if on_ready is not None:
+            on_ready(server)
+        assert server.client is not None
+        server.client.post_json("/lora-adapters", adapters.request_field())
+
+    return ready
+
+
 def _context_length(requested: Optional[int], trained: Optional[int]) -> int:
     if requested is None:
         if trained is None:
@@ -218,6 +279,28 @@ def _server_args(cfg: LoadConfig, ctx: int) -> "list[str]":
     return args
 
 
+def estimate_memory(
+    path: Union[str, "os.PathLike[str]"],
+    *,
+    context_length: Optional[int] = None,
+    parallel: int = 1,
+    lora: Sequence[LoraSpec] = (),
+) -> int:
+    """Bytes a model loaded with these options needs, as ``strict=True`` counts them:
+    the model file, an f16 KV cache for ``context_length * parallel`` tokens, and the
+    adapter files. Reads the GGUF header (so a missing or corrupt file raises here)."""
+    cfg = LoadConfig(path, context_length=context_length, parallel=parallel)  # the same checks
+    metadata = read_metadata(cfg.model_path, tensors=False)
+    ctx = _context_length(cfg.context_length, metadata.context_length)
+    adapters = 0
+    for _, adapter_path, _ in parse_lora(lora):
+        try:
+            adapters += os.path.getsize(adapter_path)
+        except OSError:
+            pass  # load_model names a missing adapter file
+    return int(metadata.file_size + _kv_cache_bytes(metadata, ctx * cfg.parallel) + adapters)
+
+
 def _kv_cache_bytes(metadata: Any, total_context: int) -> int:
     """A KV-cache estimate: K and V, f16, every layer, every context position."""
     layers = metadata.block_count or 0
@@ -226,8 +309,10 @@ def _kv_cache_bytes(metadata: Any, total_context: int) -> int:
     return 2 * 2 * layers * width * total_context
 
 
-def _check_memory(metadata: Any, total_context: int, devices: Optional[Sequence[int]], strict: bool) -> None:
-    required = metadata.file_size + _kv_cache_bytes(metadata, total_context)
+def _check_memory(
+    metadata: Any, total_context: int, devices: Optional[Sequence[int]], strict: bool, adapter_bytes: int = 0
+) -> None:
+    required = metadata.file_size + _kv_cache_bytes(metadata, total_context) + adapter_bytes
     if strict and not list_devices():
         raise DeviceError("strict=True but no AMD GPU was found (sysfs lists none)")
     check_fits(required, devices, env=os.environ, strict=strict)
@@ -240,6 +325,8 @@ def connect(url: str, api_key: Optional[str] = None, *, request_timeout: float =
     ``request_timeout`` bounds each plain call, as for :func:`load_model`;
     ``model.info`` comes from the server's ``/props`` and ``/v1/models``; a lost
     connection raises :class:`~llamarocm.RequestError` (we cannot see its process).
+    The server's LoRA adapters (``GET /lora-adapters``) are named by the paths it
+    reports, with its current scales as the defaults.
 
     >>> model = llamarocm.connect("http://127.0.0.1:8080", api_key="...")  # doctest: +SKIP
     """
@@ -262,6 +349,10 @@ def connect(url: str, api_key: Optional[str] = None, *, request_timeout: float =
             meta = (models[0].get("meta") or {}) if models else {}
         except RequestError:
             pass  # older servers: /props alone
+        try:
+            lora = LoraAdapters.from_server(client.get_json("/lora-adapters"))
+        except RequestError:
+            lora = LoraAdapters(())  # a server without the endpoint has no adapters
     except BaseException:
         client.close()
         raise
@@ -284,4 +375,5 @@ def connect(url: str, api_key: Optional[str] = None, *, request_timeout: float =
         context_length=settings.get("n_ctx"),
         parallel=props.get("total_slots") or 1,
         chat_template_source="reported by the server" if props.get("chat_template") else None,
+        lora=lora,
     )

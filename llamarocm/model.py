@@ -9,17 +9,29 @@ process of the model runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
+from ._slot_state import PrivateDirectory
+from .act import ActResult, run_act
 from .batch import BatchResult, run_batch
-from .client import Client
-from .config import DEFAULT_STREAM_TIMEOUT, GenerateConfig, check_messages
+from .client import Client, EventStream
+from .config import DEFAULT_STREAM_TIMEOUT, GenerateConfig, check_lora_scales
 from .errors import ClosedError, ConnectionLostError, LlamaRocmError, RequestError, ServerCrashedError
+from .lora import LoraAdapters
+from .messages import check_messages, check_template_kwargs, render_prompt
+from .reasoning import ReasoningSplitter, check_reasoning, splitter_for
 from .stream import StreamState, TokenStream, fork_error
+from .structured import Parser, structured_output
+from .tool_stream import ToolStreamPlan, check_tool_settings, server_chat_body
+from .tools import ToolRequest
+
+if TYPE_CHECKING:
+    from .session import ChatSession
 
 __all__ = ["Model"]
 
@@ -51,6 +63,8 @@ class Model:
         no_chat_template_reason: Optional[str] = None,
         embeddings: Optional[bool] = None,
         rpc_placement: Optional[Dict[str, float]] = None,
+        lora: Optional[LoraAdapters] = None,
+        slot_dir: Optional[PrivateDirectory] = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -69,11 +83,16 @@ class Model:
         #: (``{}`` without workers); every worker given to ``load_model`` holds some.
         #: Checked again, and updated, by :meth:`restart`.
         self.rpc_placement: Dict[str, float] = rpc_placement if rpc_placement is not None else {}
+        self._lora = lora if lora is not None else LoraAdapters(())
+        # load_model(sessions=True): where the server saves and restores slot files.
+        self._slot_dir = slot_dir
         self._lock = threading.Lock()
         self._last_error: Optional[BaseException] = None
         # The first record of a crash; each caller gets a fresh copy (see _failure).
         self._crashed: Optional[ServerCrashedError] = None
         self._closed = False
+        # Whether the chat template renders tools (llama-server then handles calls).
+        self._renders_tools: Optional[bool] = None
         # Streams whose reader runs; the reader removes its own at its end.
         self._streams: "set[StreamState]" = set()
         self._owner_pid = os.getpid()
@@ -102,21 +121,36 @@ class Model:
         logprobs: Optional[int] = None,
         timeout: float = DEFAULT_STREAM_TIMEOUT,
         extra: Optional[Mapping[str, Any]] = None,
+        lora: Optional[Mapping[str, float]] = None,
+        response_format: Any = None,
     ) -> TokenStream:
         """Complete ``prompt`` (raw text, no chat template) and stream the tokens.
 
         The keyword arguments are the fields of :class:`~llamarocm.GenerateConfig`,
         documented there; bad values raise ``TypeError`` / ``ValueError`` before
-        anything is sent.
+        anything is sent. ``response_format`` asks for JSON as OpenAI's API does
+        (``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``,
+        ``{"type": "json_object"}``, ``{"type": "text"}``) or for a pydantic model
+        class; :meth:`TokenStream.parsed() <llamarocm.TokenStream.parsed>` returns the
+        value. It replaces ``json_schema=`` (passing both is a ``ValueError``).
 
         >>> model.generate("The capital of France is", max_tokens=4).text()  # doctest: +SKIP
         ' Paris.'
         """
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
-        return self._complete(prompt, GenerateConfig.from_arguments(locals()))
+        output = structured_output(response_format, json_schema, grammar)
+        json_schema = output.json_schema or json_schema
+        return self._complete(prompt, GenerateConfig.from_arguments(locals()), parse=output.parse)
 
-    def _complete(self, prompt: str, cfg: GenerateConfig) -> TokenStream:
+    def _complete(
+        self,
+        prompt: str,
+        cfg: GenerateConfig,
+        reasoning: Optional[ReasoningSplitter] = None,
+        parse: Optional[Parser] = None,
+        tools: Optional[ToolStreamPlan] = None,
+    ) -> TokenStream:
         body: Dict[str, Any] = {
             "prompt": prompt,
             "stream": True,
@@ -125,8 +159,11 @@ class Model:
             "return_tokens": True,
         }
         body.update(cfg.sampling_fields())
+        if self._lora or cfg.lora:
+            # Every adapter's scale, every time: see llamarocm.lora.
+            body["lora"] = self._lora.request_field(cfg.lora)
         body.update(cfg.extra)
-        return self._open(body, cfg)
+        return self._open(body, cfg, reasoning, parse, tools)
 
     def chat(
         self,
@@ -145,10 +182,32 @@ class Model:
         logprobs: Optional[int] = None,
         timeout: float = DEFAULT_STREAM_TIMEOUT,
         extra: Optional[Mapping[str, Any]] = None,
+        lora: Optional[Mapping[str, float]] = None,
+        response_format: Any = None,
+        reasoning: Optional[bool] = None,
+        chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+        tools: Optional[Sequence[Any]] = None,
+        tool_choice: Any = None,
     ) -> TokenStream:
-        """Reply to ``messages`` (``[{"role": ..., "content": ...}]``) with the model's
-        chat template, streaming the tokens. The keyword arguments are those of
-        :meth:`generate`.
+        """Reply to ``messages`` with the model's chat template, streaming the tokens.
+        The keyword arguments are those of :meth:`generate`, and:
+
+        ``messages`` are OpenAI's: ``content`` a string or a list of text parts,
+        assistant ``tool_calls`` and ``tool`` results included (see
+        :doc:`/quickstart`). ``reasoning``: a reply that opens with a ``<think>`` block
+        has its reasoning marked (:attr:`Token.reasoning <llamarocm.Token.reasoning>`,
+        :meth:`~llamarocm.TokenStream.reasoning_text`) and :meth:`~llamarocm.TokenStream.text`
+        returns the answer only; ``None`` (auto) does so when the reply or the prompt
+        opens the block, ``True`` takes the reply as reasoning until ``</think>`` in any
+        case, ``False`` never splits. ``chat_template_kwargs`` go to a Jinja template
+        (e.g. ``{"enable_thinking": False}``).
+
+        ``tools`` (Python functions or OpenAI tool dicts) may be called by the reply:
+        :attr:`TokenStream.tool_calls <llamarocm.TokenStream.tool_calls>` then holds
+        the calls and ``finish_reason`` is ``"tool_calls"``. ``tool_choice``:
+        ``"auto"`` (the default), ``"required"``, ``"none"``, or ``{"name": ...}``
+        (OpenAI's ``{"type": "function", "function": {"name": ...}}`` too). See
+        :doc:`/quickstart` and :meth:`act`.
 
         The server renders the messages (``/apply-template``) and the reply streams from
         its native completion endpoint, the same path as :meth:`generate`: so chat
@@ -156,15 +215,74 @@ class Model:
         of one extra local round trip of about a millisecond.
         """
         checked = check_messages(messages)
+        template_kwargs = check_template_kwargs(chat_template_kwargs)
+        check_reasoning(reasoning)
+        output = structured_output(response_format, json_schema, grammar)
+        json_schema = output.json_schema or json_schema
         cfg = GenerateConfig.from_arguments(locals())
+        request = ToolRequest.build(tools, tool_choice)
+        check_tool_settings(request, cfg)
+        self._lora.request_field(cfg.lora)  # an unknown adapter is refused before any call
         if self._no_chat_template_reason:
             # llama-server would silently render ChatML, which most models never saw.
             raise ValueError(self._no_chat_template_reason)
-        rendered = self._call(lambda client: client.post_json("/apply-template", {"messages": checked}))
-        prompt = rendered.get("prompt") if isinstance(rendered, dict) else None
-        if not isinstance(prompt, str):
-            raise RequestError(f"llama-server's /apply-template answered without a prompt: {rendered!r:.200}")
-        return self._complete(prompt, cfg)
+        if request.tools:
+            return self._chat_with_tools(checked, cfg, request, template_kwargs, output.parse, reasoning)
+        prompt = render_prompt(self._apply_template, checked, template_kwargs)
+        return self._complete(prompt, cfg, splitter_for(reasoning, prompt), output.parse)
+
+    def _apply_template(self, body: Dict[str, Any]) -> Any:
+        return self._call(lambda client: client.post_json("/apply-template", body))
+
+    def _chat_with_tools(
+        self,
+        messages: List[Dict[str, Any]],
+        cfg: GenerateConfig,
+        request: ToolRequest,
+        template_kwargs: Optional[Dict[str, Any]],
+        parse: Optional[Parser],
+        reasoning: Optional[bool],
+    ) -> TokenStream:
+        """chat() with tools, on one of the two paths of :mod:`llamarocm.tool_stream`."""
+        if self._renders_tools is None:
+            caps = self._call(lambda client: client.props()).get("chat_template_caps") or {}
+            self._renders_tools = bool(caps.get("supports_tools") and caps.get("supports_tool_calls"))
+        if self._renders_tools and request.offered:
+            body = server_chat_body(messages, cfg, request, template_kwargs)
+            if self._lora or cfg.lora:
+                body["lora"] = self._lora.request_field(cfg.lora)
+            body.update(cfg.extra)
+            return self._open(body, cfg, tools=ToolStreamPlan(request, server_side=True))
+        if not self._renders_tools:
+            messages = request.plain_messages(messages)
+        prompt = render_prompt(self._apply_template, messages, template_kwargs)
+        plan = ToolStreamPlan(request, server_side=False) if request.offered else None
+        return self._complete(prompt, cfg, splitter_for(reasoning, prompt), parse, plan)
+
+    def act(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Callable[..., Any]],
+        *,
+        max_rounds: int = 5,
+        tool_choice: Any = None,
+        **settings: Any,
+    ) -> ActResult:
+        """Let the model use ``tools`` (Python functions) until it answers: ask it,
+        run the functions it calls, send their results back, ask again.
+
+        Returns an :class:`~llamarocm.ActResult` (final ``text``, the whole
+        ``messages`` transcript, ``rounds``, ``finished``). ``max_rounds`` bounds the
+        requests to the model; when it runs out while the model still calls tools,
+        the result has ``finished=False``. ``tool_choice`` applies to the first round;
+        ``settings`` are :meth:`chat`'s keyword arguments, for every round. A
+        function's exception, an unknown tool or bad arguments go back to the model
+        as an error text; Ctrl-C cancels the running request and stops the loop.
+
+        >>> result = model.act([{"role": "user", "content": "Time?"}], [now])  # doctest: +SKIP
+        >>> result.text  # doctest: +SKIP
+        """
+        return run_act(self.chat, messages, tools, max_rounds=max_rounds, tool_choice=tool_choice, settings=settings)
 
     def map(
         self,
@@ -187,6 +305,7 @@ class Model:
         logprobs: Optional[int] = None,
         timeout: float = DEFAULT_STREAM_TIMEOUT,
         extra: Optional[Mapping[str, Any]] = None,
+        lora: Optional[Mapping[str, float]] = None,
     ) -> List[BatchResult]:
         """Run many prompts concurrently and return a :class:`~llamarocm.BatchResult`
         per prompt, in input order.
@@ -216,6 +335,20 @@ class Model:
             checkpoint=checkpoint,
             **options,
         )
+
+    def session(
+        self, system: Optional[str] = None, *, messages: Sequence[Mapping[str, Any]] = ()
+    ) -> "ChatSession":
+        """A new :class:`~llamarocm.ChatSession`: a conversation that keeps its history
+        (starting with ``system``, then ``messages`` if given) and, on a model loaded
+        with ``sessions=True``, can be saved and loaded with its KV state.
+
+        >>> chat = model.session("You are terse.")  # doctest: +SKIP
+        >>> chat.send("Hi", max_tokens=16).text()  # doctest: +SKIP
+        """
+        from .session import ChatSession
+
+        return ChatSession(self, system, messages=messages)
 
     def embed(self, texts: Union[str, Sequence[str]]) -> List[List[float]]:
         """Embedding vectors of ``texts``, one per text, in order.
@@ -250,6 +383,30 @@ class Model:
             raise TypeError("ids must be a sequence of ints")
         return str(self._call(lambda client: client.post_json("/detokenize", {"tokens": list(ids)}))["content"])
 
+    @property
+    def lora(self) -> Dict[str, float]:
+        """The default scale of each LoRA adapter, by the name it was loaded with
+        (``{}`` without adapters): what a request that does not set its own uses."""
+        return self._lora.defaults()
+
+    def set_lora(self, scales: Mapping[str, float]) -> None:
+        """Change the default scale of the named LoRA adapters, without a restart.
+
+        ``scales`` is ``{adapter name: scale}``, named as in ``generate(lora=...)``;
+        adapters it does not name keep theirs. Requests already running keep the
+        scales they started with; the server's own defaults (``GET /lora-adapters``)
+        are set too. A scale of 0 turns an adapter off.
+
+        >>> model.set_lora({"style.gguf": 0.5})  # doctest: +SKIP
+        """
+        checked = check_lora_scales("scales", scales)
+        if checked is None:
+            return
+        with self._lora.change_lock:
+            field = self._lora.request_field(checked)
+            self._call(lambda client: client.post_json("/lora-adapters", field))
+            self._lora.commit(field)
+
     def _call(self, fn: Callable[[Client], Any]) -> Any:
         """A plain call: ``fn(client)`` on the server of now, its errors recorded."""
         client, epoch = self._usable()
@@ -265,12 +422,26 @@ class Model:
             self._record_error(exc)
             raise
 
-    def _open(self, body: Dict[str, Any], cfg: GenerateConfig) -> TokenStream:
-        """Start streaming ``body`` from the native ``/completion`` endpoint."""
+    def _open(
+        self,
+        body: Dict[str, Any],
+        cfg: GenerateConfig,
+        reasoning: Optional[ReasoningSplitter] = None,
+        parse: Optional[Parser] = None,
+        tools: Optional[ToolStreamPlan] = None,
+    ) -> TokenStream:
+        """Start streaming ``body`` from the native ``/completion`` endpoint (or as
+        ``tools`` says, for a chat that offers tools)."""
         while True:
             client, epoch = self._usable()
             # Built here, not in the reader: a body that cannot be sent raises in the caller.
-            state = StreamState(client.stream("/completion", body, cfg.timeout), epoch)
+            if tools is None:
+                state = StreamState(client.stream("/completion", body, cfg.timeout), epoch)
+            else:
+                events, decode = tools.open(functools.partial(_stream_of, client, cfg.timeout), body)
+                state = StreamState(events, epoch)
+                state.decode = decode
+            state.reasoning, state.parse = reasoning, parse
             if self._register(state):
                 break
             # A restart began in between: that client's server is going away.
@@ -432,8 +603,12 @@ class Model:
             try:
                 self.client.close()
             finally:
-                if self.server is not None:
-                    self.server.close()
+                try:
+                    if self.server is not None:
+                        self.server.close()
+                finally:
+                    if self._slot_dir is not None:
+                        self._slot_dir.remove()
 
     def __enter__(self) -> "Model":
         return self
@@ -451,6 +626,11 @@ class Model:
             state = f"parallel={self.parallel} context_length={self.context_length}"
         where = self.server.url if self.server is not None else f"attached to {self.client.base_url}"
         return f"<Model {name} {state} {where}>"
+
+
+def _stream_of(client: Client, timeout: float, path: str, body: Dict[str, Any]) -> EventStream:
+    """An unopened stream of ``client`` (bound to a client, for requests made later)."""
+    return client.stream(path, body, timeout)
 
 
 def _cancel(streams: Sequence[StreamState], wait: float = 5.0) -> None:

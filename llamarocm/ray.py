@@ -5,7 +5,9 @@ For batches that outgrow one machine. A *replica* is a Ray actor owning one
 Ray gave it. The driver keeps the queue of items and hands the next one to a replica
 the moment one of its slots frees up, so a slow node simply takes fewer items. A
 replica that fails (its server, its actor, its node) is dropped and its unfinished
-items go back to the queue, for the others, at most ``max_retries`` times each.
+items go back to the queue, for the others, at most ``max_retries`` times each. With a
+checkpoint file, the driver writes each item as its result arrives, with
+:mod:`llamarocm.batch`'s identity and lines, so a rerun (local or on Ray) skips it.
 
 Needs the ``ray`` extra; ``import llamarocm`` never imports this module (nor Ray).
 """
@@ -17,6 +19,7 @@ import inspect
 import logging
 import os
 import pickle
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -27,10 +30,12 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("llamarocm.ray needs Ray: pip install 'llamarocm[ray]'") from exc
 
-from .batch import BatchResult
-from .config import GenerateConfig, LoadConfig, check_prompts, check_timeout
+from .batch import BatchItem, BatchResult, BatchRun, Resume, read_back
+from .checkpoint import Checkpoint
+from .config import GenerateConfig, LoadConfig, check_timeout
 from .errors import ClosedError, LlamaRocmError, ServerCrashedError, ServerStartError, SkippedError
 from .loading import load_model
+from .messages import check_prompts
 from .model import Model
 
 __all__ = ["map", "ReplicaPool", "Replica", "Predictor", "gpu_options"]
@@ -100,15 +105,19 @@ def _portable(error: Optional[BaseException]) -> Optional[BaseException]:
 class Replica:
     """The body of a replica actor: one model on the node Ray chose.
 
-    Made by :class:`ReplicaPool` (as a threaded actor with one thread per slot); its
-    methods are what the pool calls.
+    Made by :class:`ReplicaPool` (as a threaded actor with a thread per call it may
+    hold); its methods are what the pool calls.
     """
 
     def __init__(self, model_path: str, load_options: Mapping[str, Any]) -> None:
         self._model, self._gpu_ids = _load_here(model_path, load_options)
+        # A call sent ahead of a free slot waits here, not in the server's queue (where
+        # it would count against its stream's timeout and time to first token).
+        self._slots = threading.BoundedSemaphore(self._model.parallel)
 
     def describe(self) -> Dict[str, Any]:
-        """Where this replica runs: node, process, server process, GPUs, slots."""
+        """Where this replica runs: node, process, server process, GPUs, slots, and the
+        scheduling niceness its server inherited from the Ray worker."""
         context = ray.get_runtime_context()
         server = self._model.server
         return {
@@ -118,11 +127,15 @@ class Replica:
             "server_pid": server.pid if server is not None else None,
             "gpu_ids": list(self._gpu_ids),
             "parallel": self._model.parallel,
+            # The server's, inherited from this worker: Ray's workers run at 15 unless
+            # RAY_worker_niceness says otherwise (see docs/distributed.md).
+            "niceness": os.nice(0),
         }
 
     def run(self, prompt: Any, settings: Mapping[str, Any]) -> Tuple[Any, ...]:
         """One item, exactly as ``Model.map`` runs it: (text, error, metrics, finish_reason)."""
-        result = self._model.map([prompt], max_workers=1, **settings)[0]
+        with self._slots:
+            result = self._model.map([prompt], max_workers=1, **settings)[0]
         return result.text, _portable(result.error), result.metrics, result.finish_reason
 
     def close(self) -> None:
@@ -135,6 +148,11 @@ class Replica:
 
 
 _RemoteReplica = ray.remote(Replica)
+
+#: Calls each replica holds beyond its slots, waiting for one to free: the next item is
+#: there when it does, instead of a round trip to the driver later (a gap per item in
+#: which the slot would sit idle).
+_AHEAD = 1
 
 
 def _split_options(
@@ -163,6 +181,45 @@ def _check_load_options(model_path: Any, load: Mapping[str, Any]) -> None:
     if unknown:
         raise TypeError(f"unexpected load option(s) {', '.join(unknown)}")
     LoadConfig(model_path, **{k: v for k, v in load.items() if k in _CHECKED_LOAD_OPTIONS})
+
+
+def check_pool_arguments(
+    model_path: Any,
+    load: Mapping[str, Any],
+    replicas: Any = 1,
+    gpus_per_replica: Any = 1,
+    ray_options: Optional[Mapping[str, Any]] = None,
+    ready_timeout: Any = 600.0,
+) -> None:
+    """Raise the ``TypeError`` or ``ValueError`` that :class:`ReplicaPool` would raise for
+    these arguments (``load`` as split from the keywords), starting nothing: for front
+    ends (``llamarocm batch --ray``) that check everything before any work."""
+    _check_load_options(model_path, load)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    if isinstance(gpus_per_replica, bool) or not isinstance(gpus_per_replica, (int, float)) or gpus_per_replica < 0:
+        raise ValueError(f"gpus_per_replica must be a number >= 0, got {gpus_per_replica!r}")
+    if gpus_per_replica == 0 and load.get("gpu_layers") not in (None, 0):
+        # Refused here rather than by each replica's load, on its node.
+        raise ValueError("a replica without a GPU (gpus_per_replica=0) offloads no layers: leave gpu_layers unset")
+    check_timeout("ready_timeout", ready_timeout)
+    taken = {"num_gpus", "max_concurrency", "max_restarts"} & set(ray_options or {})
+    if taken:
+        raise ValueError(f"ray_options may not set {', '.join(sorted(taken))}: the pool sets them")
+
+
+def _check_map_arguments(prompts: Any, settings: Mapping[str, Any], max_retries: Any, progress: Any) -> None:
+    check_prompts(prompts)
+    GenerateConfig.from_kwargs(settings)
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError("progress must be callable(done, total)")
+
+
+def _items(prompts: Sequence[Any], settings: Mapping[str, Any]) -> List[BatchItem]:
+    # Known by position, as Model.map's are: a checkpoint is shared with a local map.
+    return [BatchItem(prompt, settings, index) for index, prompt in enumerate(prompts)]
 
 
 class ReplicaPool:
@@ -194,20 +251,13 @@ class ReplicaPool:
         load, settings = _split_options(options, load_options)
         if settings:
             raise TypeError(f"generation settings go to map(), not here: {', '.join(sorted(settings))}")
-        _check_load_options(model_path, load)
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-            raise ValueError(f"replicas must be a positive int, got {replicas!r}")
-        if isinstance(gpus_per_replica, bool) or not isinstance(gpus_per_replica, (int, float)) or gpus_per_replica < 0:
-            raise ValueError(f"gpus_per_replica must be a number >= 0, got {gpus_per_replica!r}")
-        check_timeout("ready_timeout", ready_timeout)
-        taken = {"num_gpus", "max_concurrency", "max_restarts"} & set(ray_options or {})
-        if taken:
-            raise ValueError(f"ray_options may not set {', '.join(sorted(taken))}: the pool sets them")
+        check_pool_arguments(model_path, load, replicas, gpus_per_replica, ray_options, ready_timeout)
         #: Slots of each replica's server: the items each one runs at once.
         self.slots = int(load.get("parallel", 1))
         actor = _RemoteReplica.options(
             num_gpus=gpus_per_replica,
-            max_concurrency=self.slots + 2,  # the slots, plus describe() and close()
+            # The slots, the calls sent ahead, describe() and close().
+            max_concurrency=self.slots + _AHEAD + 2,
             max_restarts=0,  # a failed replica is dropped, its items retried elsewhere
             **dict(ray_options or {}),
         )
@@ -281,21 +331,42 @@ class ReplicaPool:
         its error; items no replica is left to run get a :class:`~llamarocm.SkippedError`,
         and a map on a pool whose replicas have all failed raises
         :class:`~llamarocm.LlamaRocmError`.
+
+        With ``checkpoint`` (a file path, on the driver's machine), the map is durable
+        exactly as :meth:`Model.map() <llamarocm.Model.map>`'s: each finished item is
+        appended to the file before it is reported, and items the file already holds
+        (same position, prompt and settings, whoever ran them) are read back, not run.
         """
-        if checkpoint is not None:
-            raise NotImplementedError("checkpoint= is not available for Ray batches yet")
+        self._check_usable()
+        _check_map_arguments(prompts, settings, max_retries, progress)
+        items = _items(prompts, settings)
+        if checkpoint is None:
+            return self.run_items(items, max_retries=max_retries, progress=progress).results
+        with Checkpoint(checkpoint) as file:
+            resume = read_back(items, file)
+            return self.run_items(items, max_retries=max_retries, progress=progress, resume=resume).results
+
+    def run_items(
+        self,
+        items: Sequence[BatchItem],
+        *,
+        max_retries: int = 2,
+        progress: Optional[Callable[[int, int], None]] = None,
+        on_result: Optional[Callable[[BatchResult], None]] = None,
+        resume: Optional[Resume] = None,
+    ) -> BatchRun:
+        """Run ``items``, each with its own settings, as :func:`llamarocm.batch.run_items`
+        runs them on one model (``on_result``, ``progress`` and ``resume`` alike); what
+        ``llamarocm batch --ray`` calls. Arguments are checked by the caller."""
+        self._check_usable()
+        return _Run(self, items, max_retries, progress, on_result, resume).run()
+
+    def _check_usable(self) -> None:
         if self._closed:
             raise ClosedError("this replica pool is closed")
         if self._ever_ready and not self._ready and not self._starting:
             last = list(self._failed.values())[-1]
             raise LlamaRocmError(f"no replica of this pool is left: each one failed (the last: {last})") from last
-        check_prompts(prompts)
-        GenerateConfig.from_kwargs(settings)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        if progress is not None and not callable(progress):
-            raise TypeError("progress must be callable(done, total)")
-        return _Run(self, prompts, settings, max_retries, progress).run()
 
     def close(self) -> None:
         """Stop every replica's server, then end the actors. Idempotent."""
@@ -330,56 +401,77 @@ def _wait(refs: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float]
 class _Run:
     """One map over a pool: the queue of item indices, the calls in flight, the results.
 
-    Every replica has at most ``slots`` calls in flight, one item each; when one ends,
-    the replica gets the next item. Everything happens in the calling thread, driven by
-    ``ray.wait``.
+    Every replica has at most ``slots + _AHEAD`` calls in flight, one item each; when
+    one ends, the replica gets the next item. Everything happens in the calling thread, driven by
+    ``ray.wait``. With a ``resume``, the items its checkpoint holds are results from the
+    start, and each item is written to it as it finishes, before it is reported.
     """
 
     def __init__(
         self,
         pool: ReplicaPool,
-        prompts: Sequence[Any],
-        settings: Dict[str, Any],
+        items: Sequence[BatchItem],
         max_retries: int,
         progress: Optional[Callable[[int, int], None]],
+        on_result: Optional[Callable[[BatchResult], None]],
+        resume: Optional[Resume],
     ) -> None:
-        self.pool, self.prompts, self.settings = pool, prompts, settings
-        self.max_retries, self.progress = max_retries, progress
-        self.queue: Deque[int] = deque(range(len(prompts)))
-        self.tries = [0] * len(prompts)
-        self.results: List[Optional[BatchResult]] = [None] * len(prompts)
+        self.pool, self.items, self.resume = pool, items, resume
+        self.max_retries, self.progress, self.on_result = max_retries, progress, on_result
+        self.results: List[Optional[BatchResult]] = [None] * len(items) if resume is None else list(resume.results)
+        # Only what the checkpoint does not hold is queued.
+        self.queue: Deque[int] = deque(i for i, result in enumerate(self.results) if result is None)
+        self.resumed = len(items) - len(self.queue)
+        self.tries = [0] * len(items)
         self.calls: Dict[Any, Tuple[int, int]] = {}  # call -> (replica, item)
-        self.done = 0
+        self.done = self.resumed
         self.last_failure: Optional[BaseException] = None
 
-    def run(self) -> List[BatchResult]:
+    def run(self) -> BatchRun:
+        if self.progress is not None and self.resumed:
+            self.progress(self.resumed, len(self.items))
+        try:
+            self._loop()
+        except BaseException:
+            # Ctrl-C, a failing callback or checkpoint write: what has not started yet
+            # must not start (a running call cannot be stopped: its replica finishes it).
+            for ref in self.calls:
+                try:
+                    ray.cancel(ref)
+                except Exception:  # best effort: the call may just have ended
+                    pass
+            raise
+        return BatchRun([r for r in self.results if r is not None], self.resumed)
+
+    def _loop(self) -> None:
         pool = self.pool
-        while self.done < len(self.prompts):
+        while self.done < len(self.items):
             self._feed()
             # While nothing runs, only a replica's start can end the wait: it is bounded.
             ready = _wait([*self.calls, *pool._starting]) if self.calls else pool._wait_start()
             if not ready:
                 self._give_up()
-                break
+                return
             for ref in ready:
                 if ref in self.calls:
                     self._call_ended(ref)
                 else:
                     pool._on_started(ref)
-        return [r for r in self.results if r is not None]
 
     def _feed(self) -> None:
-        """Give every free slot of every ready replica the next item."""
+        """Give every free slot of every ready replica the next item (and each replica
+        ``_AHEAD`` more, waiting in it for a slot)."""
         busy: Dict[int, int] = {}
         for replica, _ in self.calls.values():
             busy[replica] = busy.get(replica, 0) + 1
         for replica in sorted(self.pool._ready):
             actor = self.pool.actors[replica]
-            for _ in range(self.pool.slots - busy.get(replica, 0)):
+            for _ in range(self.pool.slots + _AHEAD - busy.get(replica, 0)):
                 if not self.queue:
                     return
-                item = self.queue.popleft()
-                self.calls[actor.run.remote(self.prompts[item], self.settings)] = (replica, item)
+                index = self.queue.popleft()
+                item = self.items[index]
+                self.calls[actor.run.remote(item.prompt, item.options)] = (replica, index)
 
     def _call_ended(self, ref: Any) -> None:
         replica, item = self.calls.pop(ref)
@@ -396,11 +488,11 @@ class _Run:
             lost: BaseException = exc  # Ray is untyped for mypy
             return lost
         except RayTaskError as exc:  # the call itself failed: retrying would fail again
-            self._finish(item, BatchResult(self.prompts[item], None, exc, None, None))
+            self._finish(item, BatchResult(self.items[item].prompt, None, exc, None, None))
             return None
         if isinstance(error, _SERVER_GONE):
             return error
-        self._finish(item, BatchResult(self.prompts[item], text, error, metrics, finish_reason))
+        self._finish(item, BatchResult(self.items[item].prompt, text, error, metrics, finish_reason))
         return None
 
     def _replica_failed(self, replica: int, cause: BaseException) -> None:
@@ -423,7 +515,7 @@ class _Run:
     def _retry(self, item: int, failure: BaseException) -> None:
         self.tries[item] += 1
         if self.tries[item] > self.max_retries:
-            self._finish(item, BatchResult(self.prompts[item], None, failure, None, None))
+            self._finish(item, BatchResult(self.items[item].prompt, None, failure, None, None))
         else:
             self.queue.appendleft(item)  # next in line: not held back behind the whole queue
 
@@ -435,16 +527,21 @@ class _Run:
         for item in list(self.queue):
             error = SkippedError(f"not run: every replica failed (the last: {self.last_failure})")
             error.__cause__ = self.last_failure
-            self._finish(item, BatchResult(self.prompts[item], None, error, None, None))
+            self._finish(item, BatchResult(self.items[item].prompt, None, error, None, None))
         self.queue.clear()
 
     def _finish(self, item: int, result: BatchResult) -> None:
-        """The one place an item's result becomes final (once per item)."""
+        """The one place an item's result becomes final (once per item): written to the
+        checkpoint first, so that nothing reported is missing from the file."""
         assert self.results[item] is None, f"item {item} finished twice"
+        if self.resume is not None:
+            self.resume.save(item, self.items[item], result)
         self.results[item] = result
         self.done += 1
+        if self.on_result is not None:
+            self.on_result(result)
         if self.progress is not None:
-            self.progress(self.done, len(self.prompts))
+            self.progress(self.done, len(self.items))
 
 
 def map(
@@ -468,28 +565,40 @@ def map(
     as ``load_options={...}``) and generation settings (those of
     :meth:`~llamarocm.Model.generate`), told apart by name. The replicas are started
     for this call and stopped before it returns; to run several batches on the same
-    replicas, use :class:`ReplicaPool`. See :class:`ReplicaPool` and
-    :meth:`ReplicaPool.map` for the rest.
+    replicas, use :class:`ReplicaPool`. With ``checkpoint``, the file is opened and
+    locked before any replica starts, and when it already holds every item, none does.
+    See :class:`ReplicaPool` and :meth:`ReplicaPool.map` for the rest.
 
     >>> results = llamarocm.ray.map("model.gguf", prompts, replicas=4, parallel=2,
-    ...                             max_tokens=64)  # doctest: +SKIP
+    ...                             max_tokens=64, checkpoint="results.jsonl")  # doctest: +SKIP
     """
-    if checkpoint is not None:
-        raise NotImplementedError("checkpoint= is not available for Ray batches yet")
     load, settings = _split_options(options, load_options)
-    check_prompts(prompts)
-    GenerateConfig.from_kwargs(settings)
+    _check_map_arguments(prompts, settings, max_retries, progress)
+    check_pool_arguments(model_path, load, replicas, gpus_per_replica, ray_options, ready_timeout)
     if not prompts:
         return []
-    with ReplicaPool(
-        model_path,
-        replicas=replicas,
-        gpus_per_replica=gpus_per_replica,
-        load_options=load,
-        ray_options=ray_options,
-        ready_timeout=ready_timeout,
-    ) as pool:
-        return pool.map(prompts, max_retries=max_retries, progress=progress, **settings)
+    items = _items(prompts, settings)
+
+    def run(resume: Optional[Resume]) -> List[BatchResult]:
+        with ReplicaPool(
+            model_path,
+            replicas=replicas,
+            gpus_per_replica=gpus_per_replica,
+            load_options=load,
+            ray_options=ray_options,
+            ready_timeout=ready_timeout,
+        ) as pool:
+            return pool.run_items(items, max_retries=max_retries, progress=progress, resume=resume).results
+
+    if checkpoint is None:
+        return run(None)
+    with Checkpoint(checkpoint) as file:
+        resume = read_back(items, file)
+        if resume.pending:
+            return run(resume)
+    if progress is not None:
+        progress(len(items), len(items))  # all read back, as a run would report them
+    return [result for result in resume.results if result is not None]
 
 
 class Predictor:

@@ -22,11 +22,13 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 from ._sse import ServerSentEvent
 from .client import EventStream
 from .errors import ConnectionLostError, LlamaRocmError, OutputParseError, RequestError, error_from_payload
+from .reasoning import ReasoningSplitter
+from .tools import ToolCall
 
 __all__ = ["TokenStream", "Token", "TopLogprob", "GenerateMetrics", "StreamState", "fork_error"]
 
@@ -63,15 +65,19 @@ class Token(NamedTuple):
     id: Optional[int] = None
     logprob: Optional[float] = None
     top_logprobs: Optional[Tuple[TopLogprob, ...]] = None
+    #: Part of a chat reply's reasoning (its ``<think>`` block), not of the answer.
+    reasoning: bool = False
 
 
 @dataclass(frozen=True)
 class GenerateMetrics:
     """Figures for one finished stream.
 
-    ``prompt_tokens`` counts cached plus newly evaluated prompt tokens;
-    ``generated_tokens`` the tokens the stream yielded. Durations are seconds,
-    measured by the client from the call; rates are the server's own timings.
+    ``prompt_tokens`` counts cached plus newly evaluated prompt tokens, and
+    ``cached_prompt_tokens`` the first of them (taken from the server's prompt cache,
+    not evaluated again); ``generated_tokens`` the tokens the stream yielded.
+    Durations are seconds, measured by the client from the call; rates are the
+    server's own timings.
     """
 
     prompt_tokens: Optional[int]
@@ -80,12 +86,30 @@ class GenerateMetrics:
     total_duration: float
     prefill_tokens_per_second: Optional[float]
     decode_tokens_per_second: Optional[float]
+    cached_prompt_tokens: Optional[int] = None
+
+
+class Events(Protocol):
+    """What the reader needs of a request's events: the client's
+    :class:`~llamarocm.client.EventStream`, or a sequence of such requests."""
+
+    cancelled: bool
+
+    def open(self) -> None: ...
+    def __iter__(self) -> Iterator[List[ServerSentEvent]]: ...
+    def cancel(self) -> None: ...
+    def close(self) -> None: ...
+
+
+#: Decodes one event's JSON object into tokens (appended to the list) and records on
+#: the state how the stream ended; the default reads the native ``/completion`` stream.
+EventDecoder = Callable[[Mapping[str, Any], List["Token"], "StreamState"], None]
 
 
 class StreamState:
     """Everything the reader thread and the consumer share (never the stream itself)."""
 
-    def __init__(self, events: EventStream, epoch: int = 0) -> None:
+    def __init__(self, events: "Events | EventStream", epoch: int = 0) -> None:
         # SimpleQueue: implemented in C, a cheaper hand-off than Queue for every batch.
         self.queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         # Known before the request is sent, so a cancel during the prompt's evaluation
@@ -102,6 +126,14 @@ class StreamState:
         # Which server life the request went to (a model's restarts count them): a
         # connection lost to an earlier life is no crash of the current one.
         self.epoch = epoch
+        # Set by chat() before the reader starts: what splits reasoning from the answer
+        # (the reasoning's text is kept here), and what parses the reply (parsed()).
+        self.reasoning: Optional[ReasoningSplitter] = None
+        self.reasoning_parts: List[str] = []
+        self.parse: Optional[Callable[[str, bool], Any]] = None
+        # Set by a chat that offers tools: how its events decode, and the calls made.
+        self.decode: EventDecoder = read_native_event
+        self.tool_calls: Tuple[ToolCall, ...] = ()
 
     @property
     def cancel_requested(self) -> bool:
@@ -140,6 +172,8 @@ def _read_event(event: ServerSentEvent, out: List[Token], state: StreamState) ->
     """Decode one event into ``out``; the final one records how the stream ended."""
     if event.event == "error":
         raise error_from_payload(event.data, None)
+    if event.data == "[DONE]":
+        return  # the OpenAI-style stream's last word; its final chunk came before
     try:
         obj = json.loads(event.data)
     except ValueError as exc:
@@ -148,9 +182,14 @@ def _read_event(event: ServerSentEvent, out: List[Token], state: StreamState) ->
         raise RequestError(f"llama-server sent an event that is not an object: {event.data[:200]!r}")
     if "error" in obj:
         raise error_from_payload(event.data, None)
+    state.decode(obj, out, state)
+
+
+def read_native_event(obj: Mapping[str, Any], out: List[Token], state: StreamState) -> None:
+    """Decode one event of the native ``/completion`` stream."""
     _add_tokens(obj, out)
     if obj.get("stop"):
-        state.final = obj
+        state.final = dict(obj)
         state.finish_reason = "length" if obj.get("stop_type") == "limit" else "stop"
 
 
@@ -167,7 +206,35 @@ def _hand_over(batch: Sequence[ServerSentEvent], state: StreamState) -> None:
             if state.first_token_at is None:
                 state.first_token_at = time.monotonic()
             state.generated += len(tokens)
+            if state.reasoning is not None and not state.reasoning.passes_through:
+                tokens = _split_reasoning(tokens, state.reasoning, state.reasoning_parts)
             state.queue.put(tokens)
+
+
+def _split_reasoning(tokens: List[Token], splitter: ReasoningSplitter, reasoning: List[str]) -> List[Token]:
+    """``tokens`` marked as reasoning or answer, their text without the tags. A token
+    whose text holds both becomes two; the second has no id."""
+    out: List[Token] = []
+    for token in tokens:
+        pieces = splitter.feed(token.text)
+        if not pieces:  # a tag, or text held back until the next token decides
+            out.append(token._replace(text="", reasoning=splitter.touched_reasoning))
+        for k, (text, is_reasoning) in enumerate(pieces):
+            if is_reasoning:
+                reasoning.append(text)
+            piece = token if k == 0 else Token(text)
+            out.append(piece._replace(text=text, reasoning=is_reasoning))
+    return out
+
+
+def _flush_reasoning(state: StreamState) -> None:
+    """Hand over the text the splitter held back, once the reply has ended."""
+    if state.reasoning is None:
+        return
+    pieces = state.reasoning.finish()
+    state.reasoning_parts.extend(text for text, is_reasoning in pieces if is_reasoning)
+    if pieces:
+        state.queue.put([Token(text, reasoning=is_reasoning) for text, is_reasoning in pieces])
 
 
 LostHandler = Callable[[StreamState, ConnectionLostError], BaseException]
@@ -185,6 +252,7 @@ def read_stream(state: StreamState, on_lost: LostHandler, on_end: Callable[[Stre
         events.open()
         for batch in events:
             _hand_over(batch, state)
+        _flush_reasoning(state)
         if state.finish_reason is None:  # a close() after the final event changes nothing
             if state.cancel_requested:
                 state.finish_reason = "cancelled"
@@ -234,6 +302,11 @@ class TokenStream:
         self._buffer: List[Token] = []
         self._index = 0
         self._finished = False
+        # The answer's text that reasoning_text() drained, for text() to return.
+        self._answer_drained: List[str] = []
+        # Set only for a chat session's replies (see _keep_transcript).
+        self._transcript: Optional[List[Token]] = None
+        self._on_consumed: Optional[Callable[["TokenStream"], None]] = None
         self._thread = threading.Thread(
             target=read_stream,
             args=(state, on_lost, on_end),
@@ -270,6 +343,8 @@ class TokenStream:
             raise StopIteration
         self._buffer = item
         self._index = 1
+        if self._transcript is not None:
+            self._transcript.extend(item)
         first: Token = item[0]
         return first
 
@@ -277,6 +352,8 @@ class TokenStream:
         self._finished = True
         self._finalizer.detach()
         error = self._state.error
+        if self._on_consumed is not None:
+            self._on_consumed(self)
         if error is not None:
             self._on_error(error)
             raise error
@@ -311,8 +388,37 @@ class TokenStream:
         self.close()
 
     def text(self) -> str:
-        """Drain the stream and return the whole text."""
-        return "".join(token.text for token in self)
+        """Drain the stream and return the whole text: for a chat reply whose reasoning
+        is split off (see :meth:`reasoning_text`), the answer only."""
+        rest = "".join(token.text for token in self if not token.reasoning)
+        drained, self._answer_drained = self._answer_drained, []
+        return "".join(drained) + rest
+
+    def reasoning_text(self) -> str:
+        """Drain the stream and return the reply's reasoning: the text of its
+        ``<think>`` block without the tags (``""`` when there is none, and always for
+        ``generate()`` and ``chat(..., reasoning=False)``).
+
+        The whole reasoning, even if the loop that consumed it was yours; what it
+        drains of the answer, :meth:`text` still returns.
+        """
+        self._answer_drained.extend(token.text for token in self if not token.reasoning)
+        return "".join(self._state.reasoning_parts)
+
+    def parsed(self) -> Any:
+        """Drain the stream and return the answer as ``response_format`` asked: an
+        instance of the pydantic model given, validated, or the JSON value (also with
+        ``json_schema=``).
+
+        Raises :class:`~llamarocm.OutputParseError` (a ``ValueError``) with the
+        validation message when the text does not parse or validate, and
+        ``ValueError`` at once for a stream started without a JSON format.
+        """
+        parse = self._state.parse
+        if parse is None:
+            raise ValueError("parsed() needs a stream started with response_format= (a JSON format) or json_schema=")
+        text = self.text()
+        return parse(text, self.finish_reason == "length")
 
     def json(self) -> Any:
         """Drain the stream and parse the text as JSON (use with ``json_schema=``).
@@ -334,8 +440,15 @@ class TokenStream:
 
     @property
     def finish_reason(self) -> Optional[str]:
-        """``"stop"``, ``"length"``, ``"cancelled"``, or ``None`` while running or failed."""
+        """``"stop"``, ``"length"``, ``"cancelled"``, ``"tool_calls"`` (a chat with
+        ``tools=`` whose reply calls them), or ``None`` while running or failed."""
         return self._state.finish_reason
+
+    @property
+    def tool_calls(self) -> Tuple[ToolCall, ...]:
+        """The calls of a chat with ``tools=`` (:class:`~llamarocm.ToolCall`, arguments
+        parsed), once the stream has ended; ``()`` before, and when there are none."""
+        return self._state.tool_calls
 
     @property
     def metrics(self) -> Optional[GenerateMetrics]:
@@ -353,6 +466,32 @@ class TokenStream:
             total_duration=state.ended_at - state.started,
             prefill_tokens_per_second=timings.get("prompt_per_second"),
             decode_tokens_per_second=timings.get("predicted_per_second"),
+            cached_prompt_tokens=cache_n if isinstance(prompt_n, int) else None,
         )
+
+    @property
+    def slot(self) -> Optional[int]:
+        """The server slot that ran the request (llama-server's ``id_slot``), or
+        ``None`` until the stream has finished."""
+        slot = self._state.final.get("id_slot")
+        return slot if isinstance(slot, int) else None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (or the stream was cancelled on collection)."""
+        return self._state.cancel_requested
+
+    def _keep_transcript(self, on_consumed: Callable[["TokenStream"], None]) -> None:
+        """Keep every token the consumer takes, and call ``on_consumed(self)`` when it
+        reaches the end (error or not; never on :meth:`close`): what a chat session
+        records of a reply. Must be called before the first token is taken."""
+        self._transcript = []
+        self._on_consumed = on_consumed
+
+    @property
+    def _kept_text(self) -> str:
+        """The answer's text among the kept tokens (a reply's reasoning is not part of
+        a conversation's history: templates drop it from earlier turns)."""
+        return "".join(token.text for token in self._transcript or () if not token.reasoning)
 
 

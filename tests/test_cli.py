@@ -346,13 +346,13 @@ def test_generate_options_reach_load_model_and_generate(fake_load, schema_file, 
     argv = ["generate", "x", "--model", "m.gguf", "--server", "/opt/llama-server", "--context-length", "256",
             "--gpu-layers", "all", "--devices", "0,1", "--rpc", "a:1", "--max-tokens", "5", "--temperature", "0",
             "--top-k", "40", "--top-p", "0.9", "--seed", "7", "--stop", "\n\n", "--stop", "END",
-            "--json-schema", schema_path]
+            "--json-schema", schema_path, "--lora", "a.gguf", "--lora", "b.gguf:0.5"]
     assert main(argv) == 0
     assert capsys.readouterr().out == "generated\n"
     [(path, load)] = fake_load.loads
     assert path == "m.gguf"
     assert load == {"context_length": 256, "gpu_layers": "all", "devices": [0, 1], "server_path": "/opt/llama-server",
-                    "rpc": ["a:1"], "progress": None}
+                    "rpc": ["a:1"], "lora": [("a.gguf", 1.0), ("b.gguf", 0.5)], "progress": None}
     [(kind, prompt, options)] = fake_load.model.calls
     assert (kind, prompt) == ("generate", "x")
     assert options == {"max_tokens": 5, "temperature": 0.0, "top_k": 40, "top_p": 0.9, "seed": 7,

@@ -9,6 +9,7 @@ the module no Ray process and no replica's llama-server may be left.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -104,6 +105,25 @@ def _environ(pid):
     return {k.decode(): v.decode() for k, v in pairs}
 
 
+def _lines(path):
+    """The JSON lines of a checkpoint file, which must hold whole lines only."""
+    data = path.read_bytes() if path.exists() else b""
+    assert data == b"" or data.endswith(b"\n"), "the file must hold whole lines"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+@pytest.fixture
+def cli_logging():
+    """main() gives the ``llamarocm`` logger a handler on the stderr of the moment (a
+    test's capture, closed after it) and a level: put both back after the test."""
+    logger = logging.getLogger("llamarocm")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+
+
 def _wait(predicate, timeout):
     deadline = time.monotonic() + timeout
     while not predicate() and time.monotonic() < deadline:
@@ -197,8 +217,12 @@ def test_bad_arguments_fail_before_anything_starts(model_path):
         llamarocm.ray.map(model_path, PROMPTS, load_options={"parallel": 2}, parallel=3)
     with pytest.raises(ValueError, match="parallel"):
         llamarocm.ray.map(model_path, PROMPTS, parallel=0)
-    with pytest.raises(NotImplementedError, match="checkpoint"):
-        llamarocm.ray.map(model_path, PROMPTS, checkpoint="results.jsonl")
+    with pytest.raises(TypeError, match="checkpoint must be a path"):
+        llamarocm.ray.map(model_path, PROMPTS, checkpoint=3)
+    with pytest.raises(ValueError, match="offloads no layers"):
+        llamarocm.ray.map(model_path, PROMPTS, gpus_per_replica=0, gpu_layers="all")
+    with pytest.raises(ValueError, match="max_retries"):
+        llamarocm.ray.map(model_path, PROMPTS, max_retries=-1)
     with pytest.raises(TypeError, match="prompts"):
         llamarocm.ray.map(model_path, "one string")
     with pytest.raises(ValueError, match="replicas"):
@@ -209,6 +233,73 @@ def test_bad_arguments_fail_before_anything_starts(model_path):
         llamarocm.ray.ReplicaPool(model_path, max_tokens=8)
     assert llamarocm.ray.map(model_path, []) == []
     assert not ray.is_initialized(), "a check started Ray"
+
+
+def test_the_checkpoint_is_opened_before_any_replica_starts(model_path, shared_model, tmp_path):
+    _need_ray()
+    import llamarocm
+    import llamarocm.ray
+    from llamarocm.checkpoint import Checkpoint
+
+    out = tmp_path / "results.jsonl"
+    with Checkpoint(out), pytest.raises(llamarocm.CheckpointLockedError):
+        llamarocm.ray.map(model_path, PROMPTS[:4], checkpoint=out, max_tokens=8, **GREEDY)
+    # Every item already in the file (from a local map): read back, and no replica,
+    # not even Ray, starts.
+    local = shared_model.map(PROMPTS[:4], checkpoint=out, max_tokens=8, **GREEDY)
+    calls = []
+    results = llamarocm.ray.map(model_path, PROMPTS[:4], checkpoint=out, max_tokens=8,
+                                progress=lambda done, total: calls.append((done, total)), **GREEDY)
+    assert [(r.prompt, r.text, r.metrics) for r in results] == [(r.prompt, r.text, r.metrics) for r in local]
+    assert calls == [(4, 4)]
+    assert len(_lines(out)) == 4
+    assert not ray.is_initialized(), "Ray started for a batch that was done"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--replicas", "2"], "--replicas needs --ray"),
+    (["--replicas", "2", "--gpus-per-replica", "1"], "--replicas and --gpus-per-replica need --ray"),
+    (["--ray", "auto", "--devices", "0"], "--devices does not go with --ray"),
+    (["--ray", "auto", "--rpc", "127.0.0.1:50052"], "--rpc does not go with --ray"),
+    (["--ray", "auto", "--replicas", "0"], "replicas must be a positive int"),
+    (["--ray", "auto", "--gpus-per-replica", "-1"], "gpus_per_replica must be a number >= 0"),
+    (["--ray", "auto", "--gpus-per-replica", "0", "--gpu-layers", "all"], "offloads no layers"),
+    (["--ray", " "], "--ray needs auto or the address"),
+    (["--ray", "auto", "no-ray"], "--ray needs Ray, which does not import here"),
+])
+def test_batch_ray_usage_errors_exit_2_before_anything_starts(
+    extra, message, tmp_path, capsys, monkeypatch, cli_logging
+):
+    _need_ray()
+    from llamarocm.cli import main
+
+    if "no-ray" in extra:
+        extra = [arg for arg in extra if arg != "no-ray"]
+        monkeypatch.setitem(sys.modules, "llamarocm.ray", None)  # as if Ray were not installed
+    inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
+    inp.write_text('{"id": 1, "prompt": "1, 2, 3,"}\n')
+    with pytest.raises(SystemExit) as info:
+        main(["batch", str(inp), str(out), *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage: llamarocm batch" in err, err
+    assert not out.exists()
+    assert not ray.is_initialized()
+
+
+def test_batch_ray_auto_without_a_cluster_exits_1_saying_so(tmp_path, capsys, monkeypatch, cli_logging):
+    _need_ray()
+    from llamarocm.cli import main
+
+    assert not _ray_processes(), "a Ray of this venv runs: this test needs none"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
+    inp.write_text('{"id": 1, "prompt": "1, 2, 3,"}\n')
+    assert main(["batch", str(inp), str(out), "--ray", "auto"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot connect to a Ray cluster (--ray auto)" in err and "ray start --head" in err, err
+    assert not ray.is_initialized() and not _ray_processes()
+    assert _lines(out) == []  # opened (and locked) first, as without --ray; nothing in it
 
 
 # -- on the cluster ----------------------------------------------------------------------
@@ -262,6 +353,61 @@ class TestTwoReplicas:
             # Ray's variable reaches the server, and the same GPU is its HIP limit.
             assert env["CUDA_VISIBLE_DEVICES"] == "0"
             assert env["HIP_VISIBLE_DEVICES"] == "0"
+            # The server inherits the niceness of Ray's worker (15 by default), and
+            # describe() says which it has.
+            assert info["niceness"] == os.getpriority(os.PRIO_PROCESS, info["server_pid"]) == 15
+
+    def test_a_checkpoint_half_filled_by_a_local_map_is_finished_on_ray(self, pool, shared_model, expected, tmp_path):
+        out = tmp_path / "results.jsonl"
+        half = len(PROMPTS) // 2
+        local = shared_model.map(PROMPTS[:half], checkpoint=out, max_tokens=8, **GREEDY)
+        calls = []
+        results = pool.map(PROMPTS, checkpoint=out, progress=lambda done, total: calls.append(done),
+                           max_tokens=8, **GREEDY)
+        assert [r.prompt for r in results] == PROMPTS and [r.text for r in results] == expected
+        # The first half is read back (the local run's own metrics), not run again.
+        assert [r.metrics for r in results[:half]] == [r.metrics for r in local]
+        assert calls == list(range(half, len(PROMPTS) + 1))
+        lines = _lines(out)
+        assert sorted(line["index"] for line in lines) == list(range(len(PROMPTS))), "every item exactly once"
+        assert {line["index"]: line["text"] for line in lines} == dict(enumerate(expected))
+
+    def test_a_stopped_ray_map_resumes_and_a_changed_prompt_is_redone(self, pool, shared_model, expected, tmp_path):
+        out = tmp_path / "results.jsonl"
+
+        class Stop(Exception):
+            pass
+
+        seen = []
+
+        def stop_at_five(done, total):
+            seen.append((done, len(_lines(out))))
+            if done == 5:
+                raise Stop  # the driver gives up, its replicas still busy
+
+        with pytest.raises(Stop):
+            pool.map(PROMPTS, checkpoint=out, progress=stop_at_five, max_tokens=8, **GREEDY)
+        # Each item was in the file before it was reported, and nothing else was.
+        assert seen == [(done, done) for done in range(1, 6)]
+        assert len(_lines(out)) == 5
+        calls = []
+        results = pool.map(PROMPTS, checkpoint=out, progress=lambda done, total: calls.append(done),
+                           max_tokens=8, **GREEDY)
+        assert [r.text for r in results] == expected
+        assert calls == list(range(5, len(PROMPTS) + 1))
+        lines = _lines(out)
+        assert sorted(line["index"] for line in lines) == list(range(len(PROMPTS))), "every item exactly once"
+
+        changed = list(PROMPTS)
+        changed[3] = "1, 2, 3, 4,"
+        calls.clear()
+        again = pool.map(changed, checkpoint=out, progress=lambda done, total: calls.append(done),
+                         max_tokens=8, **GREEDY)
+        assert calls == [len(PROMPTS) - 1, len(PROMPTS)]
+        (new,) = _lines(out)[len(lines):]
+        assert new["index"] == 3 and new["hash"] != lines[[line["index"] for line in lines].index(3)]["hash"]
+        assert again[3].text == new["text"] == shared_model.map(changed[3:4], max_tokens=8, **GREEDY)[0].text
+        assert [r.text for i, r in enumerate(again) if i != 3] == expected[:3] + expected[4:]
 
 
 def test_a_replica_gets_exactly_the_gpus_ray_assigned(session, model_path, server_binary):
@@ -277,8 +423,14 @@ def test_a_replica_gets_exactly_the_gpus_ray_assigned(session, model_path, serve
         on_node = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=False)}
         holder = ray.remote(Holder).options(num_gpus=1, **on_node).remote()
         taken = ray.get(holder.ids.remote())
-        with _pool(model_path, server_binary, gpus_per_replica=2, ray_options=on_node) as pool:
+        # A runtime_env reaches the server: here the knob docs/distributed.md gives for
+        # nodes with other work, normal priority for the replica's server.
+        env_vars = {"RAY_worker_niceness": "0", "LLAMAROCM_TEST_MARK": "1"}
+        options = {**on_node, "runtime_env": {"env_vars": env_vars}}
+        with _pool(model_path, server_binary, gpus_per_replica=2, ray_options=options) as pool:
             (info,) = pool.describe()
+            assert info["niceness"] == os.getpriority(os.PRIO_PROCESS, info["server_pid"]) == 0
+            assert _environ(info["server_pid"])["LLAMAROCM_TEST_MARK"] == "1"
             assert len(info["gpu_ids"]) == 2 and not set(info["gpu_ids"]) & set(taken)
             env = _environ(info["server_pid"])
             assert env["CUDA_VISIBLE_DEVICES"] == ",".join(info["gpu_ids"])
@@ -288,9 +440,10 @@ def test_a_replica_gets_exactly_the_gpus_ray_assigned(session, model_path, serve
         session.cluster.remove_node(node)
 
 
-def _run_with_a_failure(model_path, server_binary, expected, caplog, fail):
+def _run_with_a_failure(model_path, server_binary, expected, caplog, fail, checkpoint=None):
     """A batch on two fresh replicas where ``fail(pool, victim)`` strikes replica 0
-    after two items are done; every item must come back once, right."""
+    after two items are done; every item must come back once, right (and be in the
+    ``checkpoint`` file once: a retried item is no failure)."""
     with _pool(model_path, server_binary, replicas=2) as pool:
         victim = pool.describe()[0]
         calls = []
@@ -301,8 +454,11 @@ def _run_with_a_failure(model_path, server_binary, expected, caplog, fail):
                 fail(pool, victim)
 
         with caplog.at_level(logging.WARNING, logger="llamarocm"):
-            results = pool.map(PROMPTS, max_tokens=8, progress=progress, **GREEDY)
+            results = pool.map(PROMPTS, max_tokens=8, progress=progress, checkpoint=checkpoint, **GREEDY)
         assert calls == list(range(1, len(PROMPTS) + 1))  # each item finished once
+        if checkpoint is not None:
+            assert {line["index"]: line["text"] for line in _lines(checkpoint)} == dict(enumerate(expected))
+            assert len(_lines(checkpoint)) == len(PROMPTS)
         assert [r.prompt for r in results] == PROMPTS
         assert [r.error for r in results] == [None] * len(PROMPTS)
         assert [r.text for r in results] == expected
@@ -317,12 +473,12 @@ def _run_with_a_failure(model_path, server_binary, expected, caplog, fail):
 
 
 def test_a_server_killed_mid_batch_has_its_items_retried_elsewhere(
-    model_path, server_binary, expected, session, caplog
+    model_path, server_binary, expected, session, caplog, tmp_path
 ):
     def kill_server(pool, victim):
         os.kill(victim["server_pid"], signal.SIGKILL)
 
-    _run_with_a_failure(model_path, server_binary, expected, caplog, kill_server)
+    _run_with_a_failure(model_path, server_binary, expected, caplog, kill_server, tmp_path / "results.jsonl")
 
 
 def test_a_replica_actor_killed_mid_batch_has_its_items_retried_elsewhere(
@@ -384,6 +540,68 @@ def test_ray_data_predictor(session, model_path, server_binary, expected):
     assert [by_prompt[p]["text"] for p in PROMPTS[:6]] == expected[:6]
     assert {row["error"] for row in rows} == {None}
     assert {row["finish_reason"] for row in rows} == {"length"}
+
+
+# -- llamarocm batch --ray ----------------------------------------------------------------
+
+CLI_PROMPTS = [f"{n}, {n + 1}, {n + 2}," for n in range(1, 41)]
+
+
+@pytest.fixture(scope="module")
+def cli_expected(shared_model):
+    """Local texts of the command's prompts, by input id."""
+    return {f"item-{i}": r.text for i, r in enumerate(shared_model.map(CLI_PROMPTS, max_tokens=8, **GREEDY))}
+
+
+def _count_lines(path):
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)],
+                         ids=["sigkill", "ctrl-c"])
+def test_batch_on_ray_stopped_mid_run_resumes_to_the_local_result(
+    sig, code, session, model_path, server_binary, cli_expected, tmp_path, capsys, cli_logging
+):
+    from llamarocm.cli import main
+
+    inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"item-{i}", "prompt": p}) + "\n" for i, p in enumerate(CLI_PROMPTS)))
+    argv = ["batch", str(inp), str(out), "--model", model_path, "--server", server_binary, "--max-tokens", "8",
+            "--temperature", "0", "--top-k", "1", "--context-length", "256", "--parallel", "2",
+            "--ray", session.cluster.address]
+    # A driver of its own (it connects to the cluster by its address), stopped once
+    # five items are in the file.
+    before = set(_replica_servers())
+    proc = subprocess.Popen([sys.executable, "-m", "llamarocm", *argv], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: _count_lines(out) >= 5 or proc.poll() is not None, 120)
+        assert proc.poll() is None, proc.communicate()
+        servers = set(_replica_servers()) - before
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    if sig == signal.SIGINT:
+        assert "interrupted" in err and "run the same command again" in err, err
+    assert servers, "no replica's llama-server ran the batch"
+    for pid in servers:
+        assert wait_pid_gone(pid, 30), "a replica's llama-server outlived its driver"
+    lines_before = len(_lines(out))
+    assert 5 <= lines_before < len(CLI_PROMPTS), "stopped too late to test a resume"
+
+    # The same command again, in this process (already connected: main() keeps that).
+    assert main([*argv, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["total"], summary["done"], summary["failed"]) == (len(CLI_PROMPTS), len(CLI_PROMPTS), 0)
+    assert (summary["resumed"], summary["ran"]) == (lines_before, len(CLI_PROMPTS) - lines_before)
+    lines = _lines(out)
+    assert sorted(line["id"] for line in lines) == sorted(cli_expected), "every id exactly once"
+    assert {line["id"]: line["text"] for line in lines} == cli_expected
+    assert ray.is_initialized(), "main() closed the connection it did not open"
 
 
 def test_nothing_is_left_after_shutdown(session):

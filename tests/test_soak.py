@@ -108,7 +108,11 @@ def test_soak(model_path, server_binary):
     assert not untyped, f"untyped errors: {untyped[:3]}"
     accounted = counts["finished"] + counts["cancelled"] + counts["crashed"] + counts["other_typed"]
     assert accounted == total
-    assert counts["crashed"] >= 1 and counts["cancelled"] >= 1 and counts["finished"] >= total // 2
+    # A quarter is cancelled by plan, the chaos thread closes up to a fifth more, the
+    # restarts and the crash end others: about half finish, a number that varies with
+    # timing. A third is far enough below it to be no coin toss, and still says that
+    # the soak did its work rather than fail early.
+    assert counts["crashed"] >= 1 and counts["cancelled"] >= 1 and counts["finished"] >= total // 3
     assert _threads() == threads_before, threading.enumerate()
     assert _fds() <= fds_before, "file descriptors leaked"
     assert llama_server_pids() == before_servers
