@@ -75,7 +75,19 @@ def _stderr(message: str) -> None:
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The command's log handler; a class of its own so that a second ``main()`` in the
-    same process (tests, an embedding program) replaces it instead of adding another."""
+    same process (tests, an embedding program) replaces it instead of adding another.
+
+    It writes to ``sys.stderr`` as it is at each record, as the logging module's own
+    last-resort handler does: a program that swaps or closes its stderr after
+    ``main()`` returns must not find the handler writing to the old one.
+    """
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)  # not StreamHandler's: it would pin a stream
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
 
 
 def _configure_logging(debug: bool) -> None:
@@ -83,7 +95,7 @@ def _configure_logging(debug: bool) -> None:
     logger = logging.getLogger(_LOGGER)
     for old in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
         logger.removeHandler(old)
-    handler = _StderrHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)

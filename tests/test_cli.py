@@ -457,6 +457,20 @@ def test_without_debug_only_warnings_are_shown(monkeypatch, capsys, llamarocm_lo
     assert "hidden" not in err and err.count("llamarocm: shown once") == 1
 
 
+def test_the_log_handler_writes_to_the_stderr_of_now(monkeypatch, llamarocm_logger_restored):
+    # A program (or a test) that calls main() and later swaps or closes the stderr it
+    # had must not have the handler write to the old one.
+    monkeypatch.setattr("llamarocm.list_devices", lambda: [])
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    assert main(["vram"]) == 0
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("llamarocm").warning("after the swap")
+    assert "llamarocm: after the swap" in second.getvalue()
+
+
 @pytest.mark.parametrize("position", ["before", "after"])
 def test_debug_shows_the_traceback(tmp_path, capsys, position):
     command = ["generate", "hi", "--model", str(tmp_path / "missing.gguf")]
