@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,7 +47,9 @@ import llamarocm  # noqa: E402
 from llamarocm import bench  # noqa: E402  (its statistics, columns and JSON, as llamarocm bench reports)
 from llamarocm.batch import BatchItem, read_back  # noqa: E402
 from llamarocm.bench.baselines import RawTarget  # noqa: E402
-from llamarocm.bench.common import PROMPT, loadavg  # noqa: E402
+from llamarocm.bench.command import script_parser  # noqa: E402
+from llamarocm.bench.common import PROMPT, loadavg, log, machine_facts, rotation  # noqa: E402
+from llamarocm.bench.report import finish_run  # noqa: E402
 from llamarocm.checkpoint import Checkpoint, Record  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "batch.json"
@@ -119,9 +120,9 @@ def on_one_server(args: argparse.Namespace, model_path: str, slots: int, durable
         runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in runners}
         names = list(runners)
         for i in range(args.repeat):
-            for name in names[i % len(names):] + names[: i % len(names)]:  # who goes first rotates
+            for name in rotation(names, i):
                 runs[name].append(_timed(functools.partial(runners[name], i)))
-            bench_log(f"  parallel={slots}: " + ", ".join(f"{n} {runs[n][-1]['tok_s']:.1f} tok/s" for n in names))
+            log(f"  parallel={slots}: " + ", ".join(f"{n} {runs[n][-1]['tok_s']:.1f} tok/s" for n in names))
     load = {"start": load_before, "end": loadavg()}
     figures = {"map_vs_raw": {"parallel": slots, **_summary(runs["map"], runs["raw"]), "load_average": load}}
     if durable:
@@ -154,10 +155,6 @@ def resume_cost(lines: int, repeat: int) -> Dict[str, Any]:
     return {"lines": lines, "file_mb": round(size / 1e6, 1), "seconds": bench.stats(samples, 3)}
 
 
-def bench_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _rows(result: Dict[str, Any]) -> List[List[str]]:
     rows = []
     for point in result["map_vs_raw"]:
@@ -175,16 +172,13 @@ def _rows(result: Dict[str, Any]) -> List[List[str]]:
 
 
 def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="a .gguf file (default: the embedded Gemma 3 270M)")
-    parser.add_argument("--server", help="llama-server binary (default: searched)")
+    parser = script_parser(__doc__.split("\n")[0], str(DEFAULT_OUTPUT))
     parser.add_argument("--prompts", type=int, default=200, help="prompts per batch (default 200)")
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens per prompt (default 4)")
     parser.add_argument("--parallel", default="1,2,4", help="slot counts for map against raw (default 1,2,4)")
     parser.add_argument("--repeat", type=int, default=5, help="rounds of batches per server (default 5)")
     parser.add_argument("--resume-lines", type=int, default=100_000, help="lines of the resume figure (100,000)")
     parser.add_argument("--quick", action="store_true", help="a tiny run that only checks that everything works")
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help=f"JSON file (default {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
     try:
         args.parallel = [int(p) for p in args.parallel.split(",")]
@@ -215,21 +209,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if "durable_vs_memory" in figures:
             result["durable_vs_memory"] = figures["durable_vs_memory"]
     result["resume"] = resume_cost(args.resume_lines, args.repeat)
-    result["environment"] = {
-        "model": model_path,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "llamarocm": llamarocm.__version__,
-        "load_average": {"start": load_before, "end": loadavg()},
-    }
-    result["minutes"] = round((time.time() - started) / 60, 1)
-    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    rows = _rows(result)
-    result["table"] = rows
-    bench.print_columns(("figure", "llamarocm", "baseline", "ratio (median of pairs)", "target", "met"), rows)
-    bench.write_json(args.output, result)
-    print(f"wrote {args.output}")
+    result["environment"] = machine_facts(model_path, load_average={"start": load_before, "end": loadavg()})
+    finish_run(result, _rows(result), started=started, output=args.output)
     return result
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +27,8 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import llamarocm  # noqa: E402
 from llamarocm import bench  # noqa: E402
+from llamarocm.bench.common import loadavg, machine_facts  # noqa: E402
+from llamarocm.bench.report import write_result  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "gguf.json"
 
@@ -85,14 +86,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "timings_ms": timings,
         "ratio_full_vs_reader": round(reader_median / timings["full"]["median"], 1),
         "ratio_header_only_vs_reader": round(reader_median / timings["header_only"]["median"], 1),
-        "environment": {
-            "python": platform.python_version(),
-            "implementation": platform.python_implementation(),
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "gguf_py": getattr(gguf, "__version__", None) or bench.package_version("gguf"),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
+        "environment": machine_facts(path, gguf_py=getattr(gguf, "__version__", None) or bench.package_version("gguf"),
+                                     load_average=loadavg()),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -108,8 +103,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         ratio = reader_median / s["median"]
         print(f"{label:<26}{s['min']:>10.2f}{s['median']:>12.2f}{s['max']:>10.2f}{s['runs']:>6}{ratio:>14.1f}x")
 
-    bench.write_json(args.output, result)
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
     return result
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -50,6 +49,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 import llamarocm  # noqa: E402
 import llamarocm.ray  # noqa: E402
 from llamarocm import bench  # noqa: E402  (its statistics and columns, as llamarocm bench reports)
+from llamarocm.bench.command import script_parser  # noqa: E402
+from llamarocm.bench.common import loadavg, machine_facts, rotation  # noqa: E402
+from llamarocm.bench.report import write_result  # noqa: E402
 
 LOAD: Dict[str, Any] = {"parallel": 2, "context_length": 256}
 WAYS = ("local", "1 replica", "1 replica, checkpoint", "2 replicas")
@@ -113,8 +115,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             round_trips = bench.time_ms(lambda: ray.get(actor.describe.remote()), 200)
             runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in WAYS}
             for i in range(args.repeat):
-                for k in range(len(WAYS)):
-                    name = WAYS[(i + k) % len(WAYS)]  # rotate who goes first
+                for name in rotation(WAYS, i):
                     runs[name].append(_timed(ways[name]))
                     print(f"  {name}: {runs[name][-1]['wall_s']:.2f} s", file=sys.stderr)
             files.cleanup()
@@ -142,16 +143,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     result["actor_round_trip_ms"] = bench.stats(round_trips, 3)
     result["startup_s"] = {k: round(v, 3) for k, v in startup.items()}
     result["replica_niceness"] = sorted(niceness)
-    result["environment"] = {
-        "llamarocm": llamarocm.__version__,
-        "ray": ray.__version__,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "llama_server": binary.path,
-        "llama_server_source": binary.source,
-        "model": model_path,
-        "load_average": list(os.getloadavg()),
-    }
+    result["environment"] = machine_facts(model_path, ray=ray.__version__, llama_server=binary.path,
+                                          llama_server_source=binary.source, load_average=loadavg())
     result["options"] = {"items": args.items, "tokens": args.tokens, "repeat": args.repeat, **LOAD}
     return result
 
@@ -187,22 +180,18 @@ def print_table(result: Dict[str, Any]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run, print the table, write the JSON, and return it as a dict."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="GGUF file (default: the embedded Gemma 3 270M)")
-    parser.add_argument("--server", help="llama-server binary (default: searched)")
+    parser = script_parser(__doc__.split("\n")[0], str(HERE / "results" / "ray.json"))
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--replica-niceness", type=int, metavar="N",
                         help="the replicas' niceness (default: that of Ray's workers, 15)")
-    parser.add_argument("--output", default=str(HERE / "results" / "ray.json"))
     args = parser.parse_args(argv)
     if args.items < 1 or args.tokens < 1 or args.repeat < 1:
         parser.error("--items, --tokens and --repeat must be at least 1")
     result = run(args)
     print_table(result)
-    bench.write_json(args.output, result)
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
     return result
 
 

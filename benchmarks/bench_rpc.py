@@ -20,8 +20,6 @@ split per token), not a network's. Writes benchmarks/results/rpc.json unless
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from contextlib import ExitStack
@@ -33,6 +31,9 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import llamarocm  # noqa: E402
 from llamarocm import bench  # noqa: E402  (its statistics and columns, as llamarocm bench reports)
+from llamarocm.bench.command import script_parser  # noqa: E402
+from llamarocm.bench.common import loadavg, machine_facts, rotation  # noqa: E402
+from llamarocm.bench.report import write_result  # noqa: E402
 
 PROMPT = "Once upon a time"
 CONFIGS = ("local", "1 worker", "2 workers")
@@ -71,8 +72,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             _generate(models[name], 8)  # warm-up: first-request allocations
         runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in CONFIGS}
         for i in range(args.repeat):
-            for k in range(len(CONFIGS)):
-                name = CONFIGS[(i + k) % len(CONFIGS)]  # rotate who goes first
+            for name in rotation(CONFIGS, i):
                 runs[name].append(_generate(models[name], args.tokens))
                 print(f"  {name}: {runs[name][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
         reference = runs["local"][0]["ids"]
@@ -90,15 +90,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     for name in CONFIGS:
         configs[name]["wall_vs_local"] = round(configs[name]["wall_s"]["median"] / local, 3)
     return {
-        "environment": {
-            "llamarocm": llamarocm.__version__,
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "llama_server": binary.path,
-            "llama_server_source": binary.source,
-            "model": model_path,
-            "load_average": list(os.getloadavg()),
-        },
+        "environment": machine_facts(model_path, llama_server=binary.path, llama_server_source=binary.source,
+                                     load_average=loadavg()),
         "options": {"tokens": args.tokens, "repeat": args.repeat, "prompt": PROMPT, "context_length": 512,
                     "worker_threads": args.worker_threads},
         "configs": configs,
@@ -120,21 +113,17 @@ def print_table(result: Dict[str, Any]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run, print the table, write the JSON, and return it as a dict."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="GGUF file (default: the embedded Gemma 3 270M)")
-    parser.add_argument("--server", help="llama-server binary (default: searched)")
+    parser = script_parser(__doc__.split("\n")[0], str(HERE / "results" / "rpc.json"))
     parser.add_argument("--rpc-server", help="ggml-rpc-server binary (default: searched)")
     parser.add_argument("--worker-threads", type=int, help="each worker's CPU threads (default: the worker's own)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--output", default=str(HERE / "results" / "rpc.json"))
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.repeat < 1:
         parser.error("--tokens and --repeat must be at least 1")
     result = run(args)
     print_table(result)
-    bench.write_json(args.output, result)
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
     return result
 
 

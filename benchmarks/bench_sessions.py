@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,16 +46,14 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import llamarocm  # noqa: E402
 from llamarocm import bench  # noqa: E402  (its statistics, columns and JSON, as llamarocm bench reports)
-from llamarocm.bench.common import alternate, loadavg  # noqa: E402
+from llamarocm.bench.command import script_parser  # noqa: E402
+from llamarocm.bench.common import alternate, loadavg, log, machine_facts  # noqa: E402
+from llamarocm.bench.report import finish_run  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "sessions.json"
 REPLY: Dict[str, Any] = {"max_tokens": 8, "temperature": 0.0, "extra": {"ignore_eos": True}}
 NEXT = "Which colour is item 7? Answer in one word."
 COLOURS = ["red cup", "blue pen", "green hat", "yellow kite", "white shell"]
-
-
-def bench_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def long_text(items: int, tag: str) -> str:
@@ -114,7 +111,7 @@ def resumed_against_cold(args: argparse.Namespace, model_path: str) -> Dict[str,
             a, b = alternate(i, resumed, cold)
             runs["resumed"].append(a)
             runs["cold"].append(b)
-            bench_log(f"  resumed {a['ttft'] * 1000:.0f} ms ({a['evaluated']} tokens evaluated), "
+            log(f"  resumed {a['ttft'] * 1000:.0f} ms ({a['evaluated']} tokens evaluated), "
                       f"cold {b['ttft'] * 1000:.0f} ms ({b['evaluated']} evaluated)")
     ours, base = [r["ttft"] for r in runs["resumed"]], [r["ttft"] for r in runs["cold"]]
     return {
@@ -194,7 +191,7 @@ def interleaved(args: argparse.Namespace, model_path: str) -> Dict[str, Any]:
                 runs[side].append({"seconds": sum(r["seconds"] for r in rounds),
                                    "ttft": statistics.mean(r["ttft"] for r in rounds),
                                    "evaluated": sum(r["evaluated"] for r in rounds)})
-            bench_log(f"  {args.sessions} sessions x {args.turns} turns: ChatSession "
+            log(f"  {args.sessions} sessions x {args.turns} turns: ChatSession "
                       f"{runs['sessions'][-1]['seconds']:.1f} s, chat() {runs['chat'][-1]['seconds']:.1f} s")
     ours, base = runs["sessions"], runs["chat"]
     return {
@@ -231,9 +228,7 @@ def _rows(result: Dict[str, Any]) -> List[List[str]]:
 
 
 def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="a .gguf file (default: the embedded Gemma 3 270M)")
-    parser.add_argument("--server", help="llama-server binary (default: searched)")
+    parser = script_parser(__doc__.split("\n")[0], str(DEFAULT_OUTPUT))
     parser.add_argument("--history-tokens", type=int, default=1000, help="the resumed history's size (1000)")
     parser.add_argument("--sessions", type=int, default=16, help="interleaved conversations (default 16)")
     parser.add_argument("--parallel", type=int, default=4, help="slots of their server (default 4)")
@@ -241,7 +236,6 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--items", type=int, default=40, help="list items each conversation opens with (40)")
     parser.add_argument("--repeat", type=int, default=5, help="rounds of each figure (default 5)")
     parser.add_argument("--quick", action="store_true", help="a tiny run that only checks that everything works")
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help=f"JSON file (default {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
     if args.quick:
         args.history_tokens, args.sessions, args.parallel, args.turns, args.items, args.repeat = 200, 4, 2, 2, 8, 1
@@ -262,21 +256,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     result: Dict[str, Any] = {"options": {k: v for k, v in vars(args).items() if k != "output"}}
     result["resumed_vs_cold"] = resumed_against_cold(args, model_path)
     result["interleaved"] = interleaved(args, model_path)
-    result["environment"] = {
-        "model": model_path,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "llamarocm": llamarocm.__version__,
-        "load_average": {"start": load_before, "end": loadavg()},
-    }
-    result["minutes"] = round((time.time() - started) / 60, 1)
-    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    rows = _rows(result)
-    result["table"] = rows
-    bench.print_columns(("figure", "llamarocm", "baseline", "ratio (median of pairs)", "target", "met"), rows)
-    bench.write_json(args.output, result)
-    print(f"wrote {args.output}")
+    result["environment"] = machine_facts(model_path, load_average={"start": load_before, "end": loadavg()})
+    finish_run(result, _rows(result), started=started, output=args.output)
     return result
 
 

@@ -5,15 +5,21 @@ A state file is::
 
     b"LLAMAROCM-CHAT-STATE\\n"   magic (21 bytes)
     uint64, little-endian        length of the JSON header
-    JSON header (UTF-8)          format, model identity, server build, messages,
+    JSON header (UTF-8)          format, model identity, server build, LoRA adapters
+                                 (identity and scale), KV-cache flags, messages,
                                  token count, length and sha256 of the slot bytes
     slot bytes                   llama-server's slot file (its KV cache), as it wrote it
 
 The identity of a model is its file size plus the sha256 of its GGUF header (metadata
 and tensor table, everything before the weights): cheap to compute, and any other
-model file, even one with the same name, differs. A state file is refused when the
-identity or the server build differs, and when it is cut short or its bytes do not
-hash to what the header says, before anything reaches the server.
+model file, even one with the same name, differs; a LoRA adapter's identity is taken
+the same way. A state file is refused when the identity or the server build differs
+(the adapters and flags are compared by :mod:`llamarocm._kv_setup`), and when it is cut
+short or its bytes do not hash to what the header says, before anything reaches the
+server.
+
+Format 1 had neither adapters nor flags in its header: such a file is read (its
+messages are still good), and refused as a mismatch by :func:`check_identity`.
 
 llama-server reads and writes slot files only inside its ``--slot-save-path``
 directory. That directory is created by :class:`PrivateDirectory` (mode 0700, so
@@ -35,6 +41,7 @@ import uuid
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ._files import write_whole
 from .errors import SessionFileError, SessionMismatchError
 from .gguf import read_metadata
 
@@ -49,7 +56,9 @@ __all__ = [
 ]
 
 MAGIC = b"LLAMAROCM-CHAT-STATE\n"
-FORMAT = 1
+FORMAT = 2
+#: Formats read for their messages only: their KV state is refused (see check_identity).
+OLD_FORMATS = (1,)
 _LENGTH = struct.Struct("<Q")
 #: A header longer than this is not ours (a conversation of that size is absurd).
 MAX_HEADER_BYTES = 1 << 30
@@ -63,8 +72,8 @@ _identities_lock = threading.Lock()
 
 
 def model_identity(path: str) -> Dict[str, Any]:
-    """``{"file_size", "header_sha256"}`` of the GGUF file at ``path`` (cached while
-    the file's size and modification time stay the same)."""
+    """``{"file_size", "header_sha256"}`` of the GGUF file at ``path``, a model or a
+    LoRA adapter (cached while the file's size and modification time stay the same)."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     with _identities_lock:
@@ -109,52 +118,28 @@ def write_state_file(
     *,
     identity: Dict[str, Any],
     server_build: Optional[str],
+    adapters: Sequence[Dict[str, Any]],
+    kv_flags: Sequence[Sequence[str]],
     messages: Sequence[Dict[str, Any]],
     tokens: int,
     slot_bytes: bytes,
 ) -> None:
     """Write a state file at ``path``, whole or not at all (a temporary file in the
-    same directory, synced, then renamed over it), readable by its owner only."""
+    same directory, synced, then renamed over it), readable by its owner only.
+    ``adapters`` and ``kv_flags`` are those of :mod:`llamarocm._kv_setup`."""
     header = {
         "format": FORMAT,
         "model": identity,
         "server_build": server_build,
+        "adapters": [dict(adapter) for adapter in adapters],
+        "kv_flags": [list(flag) for flag in kv_flags],
         "messages": list(messages),
         "tokens": tokens,
         "slot_bytes": len(slot_bytes),
         "slot_sha256": hashlib.sha256(slot_bytes).hexdigest(),
     }
     encoded = json.dumps(header, ensure_ascii=False).encode("utf-8")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=".llamarocm-chat-", dir=directory)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + _LENGTH.pack(len(encoded)) + encoded)
-            f.write(slot_bytes)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    _sync_directory(directory)
-
-
-def _sync_directory(directory: str) -> None:
-    """Make the rename itself durable (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_whole(path, [MAGIC + _LENGTH.pack(len(encoded)) + encoded, slot_bytes], prefix=".llamarocm-chat-")
 
 
 def read_state_file(path: str) -> StateFile:
@@ -191,7 +176,7 @@ def _parse_header(path: str, encoded: bytes) -> Dict[str, Any]:
         raise SessionFileError(f"{path} is corrupt: its header is not JSON", path) from None
     if not isinstance(header, dict):
         raise SessionFileError(f"{path} is corrupt: its header is not a JSON object", path)
-    if header.get("format") != FORMAT:
+    if header.get("format") != FORMAT and header.get("format") not in OLD_FORMATS:
         raise SessionFileError(
             f"{path} has format {header.get('format')!r}; this llamarocm reads format {FORMAT}", path
         )
@@ -203,6 +188,7 @@ def _parse_header(path: str, encoded: bytes) -> Dict[str, Any]:
         and _is_count(header.get("tokens"))
         and _is_count(header.get("slot_bytes"))
         and isinstance(header.get("slot_sha256"), str)
+        and (header["format"] in OLD_FORMATS or _is_setup(header.get("adapters"), header.get("kv_flags")))
     )
     if not valid:
         raise SessionFileError(f"{path} is corrupt: its header lacks fields or has wrong types", path)
@@ -213,8 +199,25 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _is_setup(adapters: Any, kv_flags: Any) -> bool:
+    return (
+        isinstance(adapters, list)
+        and all(isinstance(a, dict) for a in adapters)
+        and isinstance(kv_flags, list)
+        and all(isinstance(f, list) and f and all(isinstance(v, str) for v in f) for f in kv_flags)
+    )
+
+
 def check_identity(state: StateFile, identity: Dict[str, Any], server_build: Optional[str]) -> None:
-    """Refuse ``state`` unless it was saved by this very model file and server build."""
+    """Refuse ``state`` unless it was saved by this very model file and server build,
+    in this format (an older one did not record all the KV state depends on)."""
+    if state.header["format"] != FORMAT:
+        raise SessionMismatchError(
+            f"{state.path} was saved by an older llamarocm (format {state.header['format']}), which did not "
+            "record the LoRA adapters and KV-cache flags its KV state depends on: its KV state is refused",
+            state.path,
+            state.messages,
+        )
     saved = state.header["model"]
     if saved.get("file_size") != identity["file_size"] or saved.get("header_sha256") != identity["header_sha256"]:
         raise SessionMismatchError(

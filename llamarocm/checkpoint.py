@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ._files import sync_folder_of
 from .config import GenerateConfig
 from .errors import CheckpointLockedError
 
@@ -249,20 +250,6 @@ def _scan_lines(data: bytes, path: str) -> Tuple[Records, int]:
     return records, len(data)
 
 
-def _sync_folder(path: str) -> None:
-    """Make a new file's name durable too (best effort: not every file system can)."""
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _check_path(value: Any) -> str:
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a path (str or os.PathLike), not {type(value).__name__}")
@@ -322,6 +309,9 @@ class Checkpoint:
         self._lock = threading.Lock()  # the descriptor, the size, the sync state
         self._sync_lock = threading.Lock()  # a sync against the close
         fd, created = _open_locked(self.path)
+        #: Whether this open created the file (a run that fails before writing a line
+        #: may remove what it created, never a file that was there).
+        self.created = created
         try:
             data = _read_all(fd)
             self._records, self._size = _scan(data, self.path)
@@ -335,7 +325,7 @@ class Checkpoint:
                 os.ftruncate(fd, self._size)
                 os.fsync(fd)
             if created:
-                _sync_folder(self.path)
+                sync_folder_of(self.path)  # the new file's name, durable too
         except BaseException:
             os.close(fd)
             raise
@@ -399,6 +389,22 @@ class Checkpoint:
                 with self._lock:
                     self._unsynced = True
                 raise
+
+    def remove_if_unused(self) -> bool:
+        """Remove the file if this open created it and no line was written to it, so a
+        run that failed before its first item leaves no empty file behind; whether it
+        was removed. Call it before :meth:`close`: while the lock is held, no other run
+        can be using the file."""
+        with self._lock:
+            if not self.created or self._size or self._fd < 0:
+                return False
+            try:
+                if not os.path.samestat(os.stat(self.path), os.fstat(self._fd)):
+                    return False  # the name is another file's now
+                os.unlink(self.path)
+            except OSError:
+                return False
+            return True
 
     def close(self) -> None:
         """Sync what was appended since the last sync, close the file, release the

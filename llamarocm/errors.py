@@ -34,7 +34,7 @@ The tree::
     │                                   (``map(checkpoint=...)``, ``llamarocm batch``)
     └── SessionFileError                (also a ValueError) a saved chat session cannot
         │                               be read: not one, truncated or corrupt
-        └── SessionMismatchError        it was saved by another model or server build
+        └── SessionMismatchError        it was saved in another setup (model, build, adapters...)
 
 The builtin mix-ins mean callers who know nothing of llamarocm can still write
 ``except ValueError`` or ``except TimeoutError``. Wrong argument types and values are
@@ -205,8 +205,9 @@ class SessionFileError(LlamaRocmError, ValueError):
 
 
 class SessionMismatchError(SessionFileError):
-    """A saved chat session belongs to another model file or llama-server build: its
-    KV state would be wrong (or refused) there, so it is never loaded.
+    """A saved chat session belongs to another setup (model file, llama-server build,
+    LoRA adapters and scales, KV-cache flags), or the server refused its KV state: the
+    state would be wrong (or refused) there, so it is never loaded.
 
     The conversation itself is still readable: ``messages`` holds it, to start a new
     session that evaluates it again (see :doc:`/sessions`).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from ._slot_state import PrivateDirectory
 from .chat_templates import template_args
@@ -98,25 +98,7 @@ def load_model(
     ...     for token in model.generate("Once upon a time", max_tokens=16):
     ...         print(token.text, end="", flush=True)
     """
-    if isinstance(rpc, (str, bytes)):
-        rpc = [rpc]
-    rpc_addresses = tuple(getattr(worker, "address", worker) for worker in rpc)
-    cfg = LoadConfig(
-        path,
-        context_length=context_length,
-        gpu_layers=gpu_layers,
-        parallel=parallel,
-        threads=threads,
-        devices=devices,
-        server_path=server_path,
-        startup_timeout=startup_timeout,
-        extra_args=extra_args,
-        rpc=rpc_addresses,
-        request_timeout=request_timeout,
-    )
-    _check_options(cfg, strict=strict, embeddings=embeddings, pooling=pooling, progress=progress)
-    _check_cache_options(cache_ram, sessions)
-    adapters = LoraAdapters.from_parsed(parse_lora(lora))
+    cfg, adapters = check_load_arguments(locals())
     model_path = os.path.abspath(cfg.model_path)
     metadata = read_metadata(model_path)  # a missing, unreadable or corrupt file stops here
     adapter_bytes = sum(check_adapter_file(a.path, metadata.architecture) for a in adapters.adapters)
@@ -170,6 +152,34 @@ def load_model(
         lora=adapters,
         slot_dir=slot_dir,
     )
+
+
+def check_load_arguments(call: Mapping[str, Any]) -> Tuple[LoadConfig, LoraAdapters]:
+    """:func:`load_model`'s arguments (its ``locals()`` on entry, or the same names
+    bound by a caller such as :class:`~llamarocm.ModelPool`) checked as far as they can
+    be without reading the model file: ``TypeError`` / ``ValueError`` otherwise."""
+    rpc = call["rpc"]
+    if isinstance(rpc, (str, bytes)):
+        rpc = [rpc]
+    rpc_addresses = tuple(getattr(worker, "address", worker) for worker in rpc)
+    cfg = LoadConfig(
+        call["path"],
+        context_length=call["context_length"],
+        gpu_layers=call["gpu_layers"],
+        parallel=call["parallel"],
+        threads=call["threads"],
+        devices=call["devices"],
+        server_path=call["server_path"],
+        startup_timeout=call["startup_timeout"],
+        extra_args=call["extra_args"],
+        rpc=rpc_addresses,
+        request_timeout=call["request_timeout"],
+    )
+    _check_options(
+        cfg, strict=call["strict"], embeddings=call["embeddings"], pooling=call["pooling"], progress=call["progress"]
+    )
+    _check_cache_options(call["cache_ram"], call["sessions"])
+    return cfg, LoraAdapters.from_parsed(parse_lora(call["lora"]))
 
 
 def _check_cache_options(cache_ram: Any, sessions: Any) -> None:

@@ -272,9 +272,11 @@ class Model:
         run the functions it calls, send their results back, ask again.
 
         Returns an :class:`~llamarocm.ActResult` (final ``text``, the whole
-        ``messages`` transcript, ``rounds``, ``finished``). ``max_rounds`` bounds the
-        requests to the model; when it runs out while the model still calls tools,
-        the result has ``finished=False``. ``tool_choice`` applies to the first round;
+        ``messages`` transcript, ``rounds``, ``finished``, the last reply's
+        ``finish_reason``). ``max_rounds`` bounds the requests to the model; when it
+        runs out while the model still calls tools, the result has ``finished=False``
+        (``"tool_calls"``), and so has a last reply cut short by ``max_tokens``
+        (``"length"``). ``tool_choice`` applies to the first round;
         ``settings`` are :meth:`chat`'s keyword arguments, for every round. A
         function's exception, an unknown tool or bad arguments go back to the model
         as an error text; Ctrl-C cancels the running request and stops the loop.
@@ -324,6 +326,8 @@ class Model:
         >>> [r.text for r in results if r.ok]  # doctest: +SKIP
         """
         options = GenerateConfig.arguments_of(locals())
+        # An unknown adapter is the call's mistake, not each item's: refused before any item.
+        self._lora.request_field(check_lora_scales("lora", lora))
         workers = max(1, self.parallel) if max_workers is None else max_workers
         return run_batch(
             self.generate,

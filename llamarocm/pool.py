@@ -21,7 +21,7 @@ from typing import Any, ContextManager, Dict, List, Optional, Tuple, Type, Union
 
 from .config import MAX_TIMEOUT, check_float, check_int, check_timeout
 from .errors import ClosedError, PoolFullError
-from .loading import estimate_memory, load_model
+from .loading import check_load_arguments, estimate_memory, load_model
 from .model import Model
 
 __all__ = ["ModelPool"]
@@ -449,6 +449,7 @@ def _identity(path: PathLike, options: Dict[str, Any]) -> Tuple[_Key, Dict[str, 
     except TypeError as exc:
         raise TypeError(f"pool.model(): {exc}") from None
     bound.apply_defaults()
+    check_load_arguments(bound.arguments)  # a bad option is refused here, not on entering
     arguments = dict(bound.arguments)
     absolute = os.path.abspath(os.path.expanduser(os.fspath(arguments.pop("path"))))
     frozen = tuple(sorted((name, _frozen(name, value)) for name, value in arguments.items()

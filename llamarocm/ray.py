@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import pickle
 import threading
@@ -159,6 +160,7 @@ def _split_options(
     options: Mapping[str, Any], load_options: Optional[Mapping[str, Any]]
 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Keyword arguments as (load options, generation settings), by name."""
+    _check_mapping("load_options", load_options, "load options (those of load_model)")
     load = dict(load_options or {})
     settings: Dict[str, Any] = {}
     for name, value in options.items():
@@ -197,15 +199,106 @@ def check_pool_arguments(
     _check_load_options(model_path, load)
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
-    if isinstance(gpus_per_replica, bool) or not isinstance(gpus_per_replica, (int, float)) or gpus_per_replica < 0:
+    if (
+        isinstance(gpus_per_replica, bool)
+        or not isinstance(gpus_per_replica, (int, float))
+        or not math.isfinite(gpus_per_replica)
+        or gpus_per_replica < 0
+    ):
         raise ValueError(f"gpus_per_replica must be a number >= 0, got {gpus_per_replica!r}")
     if gpus_per_replica == 0 and load.get("gpu_layers") not in (None, 0):
         # Refused here rather than by each replica's load, on its node.
         raise ValueError("a replica without a GPU (gpus_per_replica=0) offloads no layers: leave gpu_layers unset")
     check_timeout("ready_timeout", ready_timeout)
+    _check_ray_options(ray_options, gpus_per_replica)
+
+
+def _check_mapping(name: str, value: Any, what: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping of {what}, not {type(value).__name__}")
+    keys = [key for key in value if not isinstance(key, str)]
+    if keys:
+        raise TypeError(f"{name}' keys must be option names (str), got {keys[0]!r}")
+
+
+def _check_ray_options(ray_options: Any, gpus_per_replica: float) -> None:
+    """``ray_options`` as Ray checks them when given to ``.options()``, which starts
+    nothing: a bad one fails here, not when the first actor is made."""
+    _check_mapping("ray_options", ray_options, "Ray actor options (scheduling_strategy, runtime_env, resources...)")
     taken = {"num_gpus", "max_concurrency", "max_restarts"} & set(ray_options or {})
     if taken:
         raise ValueError(f"ray_options may not set {', '.join(sorted(taken))}: the pool sets them")
+    try:
+        _RemoteReplica.options(num_gpus=gpus_per_replica, **dict(ray_options or {}))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"ray_options: {exc}") from None
+
+
+def replica_needs(gpus_per_replica: float, ray_options: Mapping[str, Any]) -> Dict[str, float]:
+    """The resources one replica holds on its node while it lives, by Ray's resource
+    names: its GPUs, its CPUs (Ray's default for an actor that asks for any resource is
+    one), and the memory and custom resources of ``ray_options``."""
+    cpus = ray_options.get("num_cpus")
+    needs = {"CPU": float(1 if cpus is None else cpus), "GPU": float(gpus_per_replica)}
+    if ray_options.get("memory"):
+        needs["memory"] = float(ray_options["memory"])
+    if ray_options.get("accelerator_type"):
+        needs[f"accelerator_type:{ray_options['accelerator_type']}"] = 0.001  # Ray's own amount
+    needs.update({name: float(amount) for name, amount in (ray_options.get("resources") or {}).items()})
+    return {name: amount for name, amount in needs.items() if amount > 0}
+
+
+def replicas_that_fit(nodes: Sequence[Mapping[str, Any]], needs: Mapping[str, float]) -> Optional[int]:
+    """How many replicas, each whole on one node, the live ``nodes`` (as ``ray.nodes()``
+    lists them) can hold at once with all their resources free; ``None`` when a replica
+    needs nothing that runs out."""
+    if not needs:
+        return None
+    fit = 0
+    for node in nodes:
+        if node.get("Alive"):
+            have = node.get("Resources", {})
+            # Ray counts resources in units of 1/10000: no float rounding below that.
+            fit += min(int(have.get(name, 0.0) / amount + 1e-6) for name, amount in needs.items())
+    return fit
+
+
+def _amount(name: str, amount: float) -> str:
+    """``2 GPUs``, ``1 CPU``, ``0.5 GPU``, ``1 of 'custom'``."""
+    if name in ("CPU", "GPU"):
+        return f"{amount:g} {name}{'s' if amount != 1 else ''}"
+    return f"{amount:g} of {name!r}"
+
+
+def _where_replicas_go(nodes: Sequence[Mapping[str, Any]], needs: Mapping[str, float]) -> str:
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    wanted = ", ".join(_amount(name, amount) for name, amount in needs.items())
+    have = []
+    for name in needs:
+        amounts = [resources.get(name, 0.0) for resources in alive]
+        have.append(f"{_amount(name, sum(amounts))} in all, at most {_amount(name, max(amounts, default=0.0))} "
+                    "on one node")
+    return f"each replica needs {wanted} on one node; the cluster's {len(alive)} node(s) have " + "; ".join(have)
+
+
+def _replicas_to_start(replicas: int, gpus_per_replica: float, ray_options: Mapping[str, Any]) -> int:
+    """``replicas``, or as many as the cluster's nodes can ever hold (with a warning);
+    a clear error when they hold none, instead of Ray waiting for a node that will not
+    come. Counts the nodes present: on a cluster whose autoscaler adds nodes on demand,
+    ask for them first (see docs/distributed.md)."""
+    needs = replica_needs(gpus_per_replica, ray_options)
+    nodes = ray.nodes()
+    fit = replicas_that_fit(nodes, needs)
+    if fit is None or fit >= replicas:
+        return replicas
+    where = _where_replicas_go(nodes, needs)
+    if fit == 0:
+        hint = " (a cluster without GPUs: gpus_per_replica=0 runs on the CPU)" if "GPU" in needs else ""
+        raise ServerStartError(f"no node of this Ray cluster can hold a replica: {where}{hint}")
+    log.warning("only %d of the %d replicas fit on this Ray cluster: %s; starting %d", fit, replicas, where, fit)
+    return fit
 
 
 def _check_map_arguments(prompts: Any, settings: Mapping[str, Any], max_retries: Any, progress: Any) -> None:
@@ -229,6 +322,10 @@ class ReplicaPool:
     on the CPU) and starts its own llama-server with the load options, which are those
     of :func:`~llamarocm.load_model` (``devices`` excepted: Ray chooses). ``ray_options``
     go to the actor's ``.options()`` (``scheduling_strategy``, ``runtime_env``...).
+    Connects to Ray (``ray.init()``) if no connection is open. When no node of the
+    cluster can ever hold a replica (too few GPUs or CPUs on every node), raises
+    :class:`~llamarocm.ServerStartError` before any actor is made; with more
+    ``replicas`` than the nodes hold, starts those that fit and logs a warning.
     Replicas start in the background; a map uses them as they become ready. If none is
     ready within ``ready_timeout`` seconds (Ray may be waiting for free GPUs), a map
     raises :class:`~llamarocm.ServerStartError`.
@@ -261,6 +358,9 @@ class ReplicaPool:
             max_restarts=0,  # a failed replica is dropped, its items retried elsewhere
             **dict(ray_options or {}),
         )
+        if not ray.is_initialized():
+            ray.init()  # what the first actor would do: connect, or start Ray here
+        replicas = _replicas_to_start(replicas, gpus_per_replica, ray_options or {})
         #: The replica actors' handles, in order (``ray.kill`` one to simulate a failure).
         self.actors: List[Any] = [actor.remote(model_path, load) for _ in range(replicas)]
         self._starting: Dict[Any, int] = {a.describe.remote(): i for i, a in enumerate(self.actors)}

@@ -129,6 +129,12 @@ class Server(ProcessOwner):
         self.props: Dict[str, Any] = {}
         self._start()
 
+    @property
+    def args(self) -> List[str]:
+        """The arguments given to llama-server after the model (a copy): what a saved
+        chat session reads its KV-cache flags from."""
+        return list(self._args)
+
     # -- what the start loop needs -----------------------------------------------
 
     _kind = "server"

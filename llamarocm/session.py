@@ -22,6 +22,7 @@ request took the slot in between, it tries again.
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import itertools
 import logging
@@ -30,8 +31,10 @@ import threading
 import weakref
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ._kv_setup import adapter_setup, check_setup, kv_flags
 from ._slot_state import (
     PrivateDirectory,
+    StateFile,
     check_identity,
     model_identity,
     read_state_file,
@@ -69,9 +72,10 @@ def _model_lock(model: Any) -> threading.Lock:
 
 
 class _Turn:
-    """A reply being streamed: the user's message it answers, and its stream."""
+    """A reply being streamed: the user's message it answers (``None`` for a reply to
+    tool results), and its stream."""
 
-    def __init__(self, user: Dict[str, Any], stream: TokenStream) -> None:
+    def __init__(self, user: Optional[Dict[str, Any]], stream: TokenStream) -> None:
         self.user = user
         self.stream = weakref.ref(stream)
 
@@ -121,29 +125,40 @@ class ChatSession:
     @property
     def messages(self) -> List[Dict[str, Any]]:
         """The conversation so far (a copy): the system message if any, then each
-        user message and the reply to it, as ``{"role": ..., "content": ...}``."""
+        user message and the reply to it, as ``{"role": ..., "content": ...}`` (a reply
+        that called tools has its ``tool_calls``, and each result is a ``tool``
+        message: OpenAI's shapes)."""
         with self._lock:
             self._settle(refuse_open=False)
             return copy.deepcopy(self._messages)
 
-    def send(self, content: str, **settings: Any) -> TokenStream:
+    def send(self, content: Optional[str] = None, **settings: Any) -> TokenStream:
         """Send the user message ``content`` with the conversation so far and stream
         the reply. ``settings`` are those of :meth:`Model.chat <llamarocm.Model.chat>`
-        (``max_tokens``, ``temperature``, ``extra``...).
+        (``max_tokens``, ``temperature``, ``extra``, ``tools``...), checked before
+        anything is sent or recorded.
 
         The message and the reply join :attr:`messages` when the stream has been read
-        to its end (``finish_reason`` ``"stop"`` or ``"length"``); nothing joins it when
-        the stream fails or is closed first.
+        to its end (``finish_reason`` ``"stop"`` or ``"length"``, or ``"tool_calls"``:
+        the reply then joins as an assistant message with its ``tool_calls``, to be
+        answered with :meth:`add_tool_result`); nothing joins it when the stream fails
+        or is closed first. Without ``content``, the model replies to the tool results
+        just added.
         """
-        if not isinstance(content, str):
+        if content is not None and not isinstance(content, str):
             raise TypeError(f"content must be a str, not {type(content).__name__}")
-        extra = dict(settings.pop("extra", None) or {})
         with self._lock:
             self._settle(refuse_open=True)
-            user = {"role": "user", "content": content}
-            if self._pinned_slot is not None:
-                extra.setdefault("id_slot", self._pinned_slot)
-            stream: TokenStream = self._model.chat([*self._messages, user], extra=extra, **settings)
+            _check_next_turn(self._messages, content)
+            user = None if content is None else {"role": "user", "content": content}
+            extra = settings.get("extra")
+            if self._pinned_slot is not None and (extra is None or isinstance(extra, Mapping)):
+                # The next turn goes to the restored slot (unless extra names one). An
+                # extra of a wrong type goes as it is, for chat()'s own refusal.
+                settings["extra"] = {"id_slot": self._pinned_slot, **(extra or {})}
+            history = self._messages if user is None else [*self._messages, user]
+            # chat() checks every setting before it sends anything.
+            stream: TokenStream = self._model.chat(history, **settings)
             turn = _Turn(user, stream)
             # Before the stream is handed out: no token can have been taken yet.
             stream._keep_transcript(functools.partial(self._consumed, turn))
@@ -157,10 +172,36 @@ class ChatSession:
             if self._turn is not turn:
                 return
             self._turn = None
-            if stream.error is None and not stream.closed and stream.finish_reason in ("stop", "length"):
-                self._messages += [turn.user, {"role": "assistant", "content": stream._kept_text}]
+            reply = _reply_message(stream)
+            if reply is not None:
+                self._messages += [turn.user, reply] if turn.user is not None else [reply]
                 self._last_slot = stream.slot
                 self._pinned_slot = None
+
+    def add_tool_result(self, call_id: str, content: str) -> None:
+        """Answer the call ``call_id`` of the last reply's ``tool_calls`` with
+        ``content`` (text: ``json.dumps`` a structured result), recorded at once as a
+        ``tool`` message. Once every call has its result, :meth:`send` without a
+        message has the model reply to them.
+
+        >>> stream = chat.send("Add 2 and 3", tools=[add])  # doctest: +SKIP
+        >>> for call in stream.tool_calls:  # doctest: +SKIP
+        ...     chat.add_tool_result(call.id, str(add(**call.arguments)))
+        >>> chat.send().text()  # doctest: +SKIP
+        """
+        if not isinstance(call_id, str):
+            raise TypeError(f"call_id must be a str, not {type(call_id).__name__}")
+        if not isinstance(content, str):
+            raise TypeError(f"content must be a str (json.dumps a structured result), not {type(content).__name__}")
+        with self._lock:
+            self._settle(refuse_open=True)
+            calls, answered = _open_calls(self._messages)
+            if call_id in answered:
+                raise ValueError(f"the call {call_id!r} already has its result")
+            if call_id not in calls:
+                waiting = ", ".join(repr(c) for c in calls if c not in answered) or "none"
+                raise ValueError(f"no call {call_id!r} is waiting for a result; the calls waiting are: {waiting}")
+            self._messages.append({"role": "tool", "tool_call_id": call_id, "name": calls[call_id], "content": content})
 
     def _settle(self, *, refuse_open: bool) -> None:
         """Forget a turn whose stream was closed, dropped or failed; with
@@ -186,10 +227,12 @@ class ChatSession:
         or in another process.
 
         Needs a model loaded with ``sessions=True``, and no reply of this session
-        open. Costs one short request (the conversation, almost all of it cached)
+        open. ``path`` is checked first: a folder, a missing folder or one that cannot
+        be written raises the ``OSError`` a write would (``IsADirectoryError``...)
+        before any request. Costs one short request (the conversation, almost all of it cached)
         and the slot's KV bytes on disk: about 10 MB per 1,000 tokens for Gemma 3 270M.
         """
-        target = _check_path(path)
+        target = _check_target(_check_path(path))
         slot_dir = _slot_dir(self._model)
         with self._lock:
             self._settle(refuse_open=True)
@@ -199,8 +242,10 @@ class ChatSession:
                 slot, tokens, data = self._capture(slot_dir, messages)
                 self._last_slot = slot
             identity, build = _identity(self._model)
+            adapters, flags = _setup(self._model)
             write_state_file(
-                target, identity=identity, server_build=build, messages=messages, tokens=tokens, slot_bytes=data
+                target, identity=identity, server_build=build, adapters=adapters, kv_flags=flags,
+                messages=messages, tokens=tokens, slot_bytes=data,
             )
 
     def _capture(self, slot_dir: PrivateDirectory, messages: List[Dict[str, Any]]) -> Tuple[int, int, bytes]:
@@ -238,10 +283,11 @@ class ChatSession:
         """The session saved at ``path``, its KV state given back to ``model``'s server,
         so that the next :meth:`send` evaluates only the new message.
 
-        ``model`` must be loaded with ``sessions=True``, from the same model file and
-        llama-server build as the one that saved: otherwise
-        :class:`~llamarocm.SessionMismatchError`, which carries the ``messages`` (to
-        start a session that evaluates them again). A file that is not a saved session,
+        ``model`` must be loaded with ``sessions=True``, in the same setup as the one
+        that saved: model file, llama-server build, LoRA adapters and their default
+        scales, KV-cache flags (see :doc:`/sessions`). Otherwise, or when the
+        server refuses the restore, :class:`~llamarocm.SessionMismatchError`, which
+        carries the ``messages`` (to start a session that evaluates them again). A file that is not a saved session,
         or is truncated or corrupt, raises :class:`~llamarocm.SessionFileError`.
         """
         source = _check_path(path)
@@ -249,6 +295,7 @@ class ChatSession:
         state = read_state_file(source)
         identity, build = _identity(model)
         check_identity(state, identity, build)
+        check_setup(state, *_setup(model))
         context = getattr(model, "context_length", None)
         if isinstance(context, int) and state.tokens >= context:
             raise SessionMismatchError(
@@ -262,13 +309,59 @@ class ChatSession:
         except (TypeError, ValueError) as exc:
             raise SessionFileError(f"{source} is corrupt: its messages are not valid ({exc})", source) from None
         if state.tokens:
-            session._pinned_slot = _restore_slot(model, slot_dir, state.slot_bytes, state.tokens)
+            session._pinned_slot = _restore_slot(model, slot_dir, state)
         return session
 
     def __repr__(self) -> str:
         with self._lock:
             busy = " (a reply is open)" if self._turn is not None else ""
             return f"<ChatSession {len(self._messages)} messages{busy}>"
+
+
+def _reply_message(stream: TokenStream) -> Optional[Dict[str, Any]]:
+    """The assistant message a stream read to its end adds to the history (OpenAI's
+    shape: ``tool_calls``, and ``content`` ``None`` when the reply said nothing else);
+    ``None`` when the reply is not whole."""
+    if stream.error is not None or stream.closed:
+        return None
+    if stream.finish_reason in ("stop", "length"):
+        return {"role": "assistant", "content": stream._kept_text}
+    if stream.finish_reason == "tool_calls" and stream.tool_calls:
+        calls = [call.to_openai() for call in stream.tool_calls]
+        return {"role": "assistant", "content": stream._kept_text or None, "tool_calls": calls}
+    return None
+
+
+def _open_calls(messages: Sequence[Mapping[str, Any]]) -> Tuple[Dict[str, str], "set[str]"]:
+    """The calls of the last reply, if only tool results followed it (``{id: tool
+    name}``), and the ids among them already answered."""
+    answered = set()
+    for message in reversed(messages):
+        if message.get("role") == "tool":
+            answered.add(message.get("tool_call_id"))
+            continue
+        if message.get("role") != "assistant" or not message.get("tool_calls"):
+            break
+        calls = {c.get("id"): c.get("function", {}).get("name") for c in message["tool_calls"]}
+        return calls, {c for c in answered if c in calls}
+    return {}, set()
+
+
+def _check_next_turn(messages: Sequence[Mapping[str, Any]], content: Optional[str]) -> None:
+    """Refuse a turn that would leave tool calls unanswered, or one without a message
+    that has no tool results to reply to."""
+    calls, answered = _open_calls(messages)
+    waiting = [c for c in calls if c not in answered]
+    if waiting:
+        raise ValueError(
+            f"the last reply called tools, and {len(waiting)} call(s) have no result yet "
+            f"({', '.join(map(repr, waiting))}): answer each with add_tool_result(call_id, content) first"
+        )
+    if content is None and not (messages and messages[-1].get("role") == "tool"):
+        raise ValueError(
+            "send() without a message replies to tool results: add them with add_tool_result() "
+            "first, or pass the user's message"
+        )
 
 
 def _check_path(path: Any) -> str:
@@ -278,6 +371,21 @@ def _check_path(path: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"path must be a non-empty str path, got {value!r}")
     return os.path.expanduser(value)
+
+
+def _check_target(path: str) -> str:
+    """``path`` if a state file can be written there, else the ``OSError`` the write
+    would raise after all the work: a folder, a missing or unwritable parent folder."""
+    if path.endswith(os.sep) or os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "a chat session is saved to a file, not a folder", path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(parent):
+        raise FileNotFoundError(errno.ENOENT, "the folder to save the chat session in does not exist", path)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(errno.ENOTDIR, f"{parent} is not a folder", path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"no permission to write in {parent}", path)
+    return path
 
 
 def _slot_dir(model: Any) -> PrivateDirectory:
@@ -293,6 +401,12 @@ def _identity(model: Any) -> Tuple[Dict[str, Any], Optional[str]]:
     props = model._call(lambda client: client.props())
     build = props.get("build_info") if isinstance(props, dict) else None
     return identity, build if isinstance(build, str) else None
+
+
+def _setup(model: Any) -> Tuple[List[Dict[str, Any]], List[List[str]]]:
+    """The model's adapters (identity, default scale) and the server's KV-cache flags."""
+    server_args = getattr(model.server, "args", None)
+    return adapter_setup(model._lora), kv_flags(server_args if isinstance(server_args, list) else [])
 
 
 def _save_slot(model: Any, slot_dir: PrivateDirectory, slot: int) -> Tuple[int, bytes]:
@@ -311,21 +425,32 @@ def _save_slot(model: Any, slot_dir: PrivateDirectory, slot: int) -> Tuple[int, 
     return saved, data
 
 
-def _restore_slot(model: Any, slot_dir: PrivateDirectory, data: bytes, tokens: int) -> int:
-    """Give ``data`` to an idle slot of the server; the slot's id."""
+def _restore_slot(model: Any, slot_dir: PrivateDirectory, state: StateFile) -> int:
+    """Give ``state``'s KV bytes to an idle slot of the server; the slot's id. A
+    restore the server refuses (HTTP 400: a KV state it cannot read, such as another
+    cache data type) is a :class:`~llamarocm.SessionMismatchError`."""
     slot = _idle_slot(model)
     name = slot_dir.new_file()
     file = os.path.join(slot_dir.path, name)
     try:
         fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(state.slot_bytes)
         answer = model._call(lambda client: client.post_json(f"/slots/{slot}?action=restore", {"filename": name}))
+    except RequestError as exc:
+        if exc.status != 400:
+            raise
+        raise SessionMismatchError(
+            f"llama-server refused the KV state of {state.path} ({exc.server_message or exc}): "
+            "it was saved by a server set up differently",
+            state.path,
+            state.messages,
+        ) from exc
     finally:
         _unlink(file)
     restored = answer.get("n_restored") if isinstance(answer, dict) else None
-    if restored != tokens:
-        raise RequestError(f"llama-server restored {restored!r} tokens of the {tokens} saved")
+    if restored != state.tokens:
+        raise RequestError(f"llama-server restored {restored!r} tokens of the {state.tokens} saved")
     return slot
 
 

@@ -302,8 +302,9 @@ class TokenStream:
         self._buffer: List[Token] = []
         self._index = 0
         self._finished = False
-        # The answer's text that reasoning_text() drained, for text() to return.
-        self._answer_drained: List[str] = []
+        # Every batch taken from the reader, so that text() returns the whole text
+        # however much of it the caller's own loop (or reasoning_text()) read first.
+        self._received: List[List[Token]] = []
         # Set only for a chat session's replies (see _keep_transcript).
         self._transcript: Optional[List[Token]] = None
         self._on_consumed: Optional[Callable[["TokenStream"], None]] = None
@@ -343,6 +344,7 @@ class TokenStream:
             raise StopIteration
         self._buffer = item
         self._index = 1
+        self._received.append(item)
         if self._transcript is not None:
             self._transcript.extend(item)
         first: Token = item[0]
@@ -389,20 +391,23 @@ class TokenStream:
 
     def text(self) -> str:
         """Drain the stream and return the whole text: for a chat reply whose reasoning
-        is split off (see :meth:`reasoning_text`), the answer only."""
-        rest = "".join(token.text for token in self if not token.reasoning)
-        drained, self._answer_drained = self._answer_drained, []
-        return "".join(drained) + rest
+        is split off (see :meth:`reasoning_text`), the answer only.
+
+        The whole text even if a loop of yours read part or all of it first, and again
+        on every call (as openai's stream helpers accumulate it)."""
+        for _ in self:
+            pass
+        return "".join(token.text for batch in self._received for token in batch if not token.reasoning)
 
     def reasoning_text(self) -> str:
         """Drain the stream and return the reply's reasoning: the text of its
         ``<think>`` block without the tags (``""`` when there is none, and always for
         ``generate()`` and ``chat(..., reasoning=False)``).
 
-        The whole reasoning, even if the loop that consumed it was yours; what it
-        drains of the answer, :meth:`text` still returns.
+        The whole reasoning, even if the loop that consumed it was yours.
         """
-        self._answer_drained.extend(token.text for token in self if not token.reasoning)
+        for _ in self:
+            pass
         return "".join(self._state.reasoning_parts)
 
     def parsed(self) -> Any:

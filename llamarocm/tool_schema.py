@@ -135,7 +135,8 @@ def function_schema(fn: Callable[..., Any]) -> Tuple[str, str, Dict[str, Any]]:
     required: List[str] = []
     for param in signature.parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            raise TypeError(f"tool {name}: *{param.name} has no JSON schema; name every parameter")
+            stars = "*" if param.kind is param.VAR_POSITIONAL else "**"
+            raise TypeError(f"tool {name}: {stars}{param.name} has no JSON schema; name every parameter")
         if param.kind is param.POSITIONAL_ONLY:
             raise TypeError(f"tool {name}: parameter {param.name!r} is positional-only; a tool is called by name")
         if param.name not in hints:

@@ -7,12 +7,15 @@ hide that nothing was tested.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
 import sys
 import textwrap
 import threading
+import time
+from typing import Iterator, List, Optional
 
 import pytest
 
@@ -165,11 +168,37 @@ def fake_server(tmp_path):
     return write_script(tmp_path / "fake-llama-server", FAKE_SERVER)
 
 
-def llama_server_pids() -> "set[int]":
-    """llama-server processes this test process started (its children), alive or not
-    yet reaped; other sessions' servers on the machine are none of our business."""
-    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "llama-server"], capture_output=True, text=True)
+def llama_server_pids(parent: Optional[int] = None) -> "set[int]":
+    """llama-server processes that ``parent`` (default: this test process) started, its
+    children alive or not yet reaped; other sessions' servers on the machine are none
+    of our business."""
+    parent = os.getpid() if parent is None else parent
+    out = subprocess.run(["pgrep", "-P", str(parent), "-f", "llama-server"], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
+
+
+@contextlib.contextmanager
+def running(argv: List[str]) -> Iterator[subprocess.Popen]:
+    """``argv`` as a child process, its output piped as text, killed if it is still
+    running when the block ends (a failed assertion must not leave it behind)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def slots_idle(model: llamarocm.Model, timeout: float = 10.0) -> bool:
+    """Whether every slot of ``model``'s server is free within ``timeout`` seconds: a
+    cancelled or finished request must give its slot back."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(slot.get("is_processing") for slot in model.client.slots()):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def wait_pid_gone(pid: int, timeout: float) -> bool:

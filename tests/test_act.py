@@ -7,10 +7,10 @@ from __future__ import annotations
 import _thread
 import enum
 import threading
-import time
 from typing import Any, Dict, List
 
 import pytest
+from conftest import slots_idle
 
 import llamarocm
 from llamarocm.act import run_act, run_call
@@ -63,8 +63,9 @@ def test_keyboard_interrupt_in_a_function_is_not_swallowed():
 
 
 class ScriptedStream:
-    def __init__(self, text: str, calls: List[ToolCall]) -> None:
+    def __init__(self, text: str, calls: List[ToolCall], finish_reason: str = "") -> None:
         self._text, self.tool_calls = text, tuple(calls)
+        self.finish_reason = finish_reason or ("tool_calls" if calls else "stop")
         self.closed = False
 
     def __enter__(self):
@@ -122,33 +123,95 @@ def test_max_rounds_ends_the_loop_with_finished_false():
     assert not result.finished and result.rounds == 2
     assert result.messages[-1]["tool_calls"][0]["id"] == "b"  # the calls not run
     assert [m["role"] for m in result.messages] == ["user", "assistant", "tool", "assistant"]
+    assert result.finish_reason == "tool_calls"
 
 
-def test_act_refuses_bad_arguments_before_asking_anything():
-    chat = ScriptedChat()
-    with pytest.raises(ValueError, match="max_rounds"):
-        run_act(chat, [{"role": "user", "content": "x"}], [boom], max_rounds=0)
-    with pytest.raises(TypeError, match="Python functions"):
-        run_act(chat, [{"role": "user", "content": "x"}], [{"type": "function", "function": {"name": "f"}}])
-    with pytest.raises(TypeError, match="type hint"):
-        run_act(chat, [{"role": "user", "content": "x"}], [lambda_free_untyped])
-    assert chat.sent == []
+def test_the_result_carries_the_last_finish_reason():
+    chat = ScriptedChat(("", [ToolCall("a", "boom", {"x": 1})]), ("Done.", []))
+    result = run_act(chat, [{"role": "user", "content": "go"}], [boom])
+    assert result.finished and result.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("reason", ["length", "cancelled"])
+def test_a_reply_cut_short_is_not_finished(reason):
+    """A forced call cut short by max_tokens (no call, no text) or an answer cut short
+    is not an answer: ``finished`` is False and ``finish_reason`` says why."""
+    chat = ScriptedChat(("", [ToolCall("a", "boom", {"x": 1})]), ("It is sun", [], reason))
+    result = run_act(chat, [{"role": "user", "content": "go"}], [boom], tool_choice="required")
+    assert not result.finished and result.finish_reason == reason and result.rounds == 2
+    assert result.text == "It is sun" and result.messages[-1] == {"role": "assistant", "content": "It is sun"}
+    empty = run_act(ScriptedChat(("", [], "length")), [{"role": "user", "content": "go"}], [boom])
+    assert (empty.text, empty.finished, empty.finish_reason, empty.rounds) == ("", False, "length", 1)
 
 
 def lambda_free_untyped(x):
     return x
 
 
+USER = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize(
+    "arguments, error, words",
+    [
+        ({"messages": "hello"}, TypeError, "messages must be a list"),
+        ({"messages": {"role": "user", "content": "x"}}, TypeError, "messages must be a list"),
+        ({"messages": [1]}, TypeError, r"messages\[0\] must be a dict, not int"),
+        ({"messages": []}, ValueError, "messages must not be empty"),
+        ({"messages": [{"content": "x"}]}, TypeError, r"messages\[0\]\['role'\]"),
+        ({"tools": boom}, TypeError, "tools must be a list"),
+        ({"tools": "boom"}, TypeError, "tools must be a list"),
+        ({"tools": []}, ValueError, "tools must not be empty"),
+        ({"tools": [3]}, TypeError, r"tools\[0\] must be a function"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, TypeError, "Python functions"),
+        ({"tools": [lambda_free_untyped]}, TypeError, "type hint"),
+        ({"max_rounds": 0}, ValueError, "max_rounds must be >= 1"),
+        ({"max_rounds": -1}, ValueError, "max_rounds must be >= 1"),
+        ({"max_rounds": True}, TypeError, "max_rounds must be an int, not bool"),
+        ({"max_rounds": "3"}, TypeError, "max_rounds must be an int, not str"),
+        ({"tool_choice": "always"}, ValueError, "tool_choice must be"),
+        ({"tool_choice": {"name": "nope"}}, ValueError, "'nope', which is not among the tools"),
+        ({"settings": {"tools": [boom]}}, TypeError, "tools and tool_choice are act"),
+        ({"settings": {"tool_choice": "auto"}}, TypeError, "tools and tool_choice are act"),
+    ],
+)
+def test_act_refuses_bad_arguments_before_asking_anything(arguments, error, words):
+    chat = ScriptedChat()
+    call = {"messages": USER, "tools": [boom], **arguments}
+    with pytest.raises(error, match=words):
+        run_act(chat, call.pop("messages"), call.pop("tools"), **call)
+    assert chat.sent == []
+
+
+def test_an_unknown_setting_is_named_before_asking_anything():
+    def chat(messages, *, tools=None, tool_choice=None, max_tokens=None, temperature=None):
+        raise AssertionError("nothing may be sent")
+
+    with pytest.raises(TypeError, match="unknown setting 'max_token'.*max_tokens, temperature"):
+        run_act(chat, USER, [boom], settings={"max_token": 5})
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "arguments, error, words",
+    [
+        ({"messages": "hello"}, TypeError, "messages must be a list"),
+        ({"messages": [1]}, TypeError, r"messages\[0\] must be a dict, not int"),
+        ({"tools": "f"}, TypeError, "tools must be a list"),
+        ({"max_rounds": "3"}, TypeError, "max_rounds must be an int"),
+        ({"max_token": 5}, TypeError, "unknown setting 'max_token'"),
+        ({"max_tokens": "5"}, TypeError, "max_tokens must be an int"),
+        ({"temperature": -1.0}, ValueError, "temperature must be >= 0"),
+    ],
+)
+def test_model_act_refuses_bad_arguments_with_clear_errors(shared_model, arguments, error, words):
+    call = {"messages": USER, "tools": [boom], **arguments}
+    with pytest.raises(error, match=words):
+        shared_model.act(call.pop("messages"), call.pop("tools"), **call)
+    assert not shared_model._streams
+
+
 # -- on the real embedded model ------------------------------------------------------
-
-
-def _idle(model, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(slot.get("is_processing") for slot in model.client.slots()):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _check_transcript(messages: List[Dict[str, Any]]) -> None:
@@ -224,6 +287,24 @@ def test_max_rounds_one_returns_the_pending_call_unrun(shared_model):
     )
     assert not result.finished and result.rounds == 1 and ran == []
     assert result.messages[-1]["role"] == "assistant" and result.messages[-1]["tool_calls"]
+    assert result.finish_reason == "tool_calls"
+
+
+@pytest.mark.integration
+def test_a_forced_call_cut_short_by_max_tokens_is_reported(shared_model):
+    ran = []
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        ran.append(city)
+        return "sunny"
+
+    result = shared_model.act(
+        [{"role": "user", "content": "What is the weather in Paris?"}], [get_weather], tool_choice="required",
+        max_tokens=5, **GREEDY,
+    )
+    assert (result.finished, result.finish_reason, result.rounds, result.text) == (False, "length", 1, "")
+    assert ran == [] and result.messages[-1] == {"role": "assistant", "content": ""}
 
 
 @pytest.mark.integration
@@ -238,7 +319,7 @@ def test_ctrl_c_in_a_tool_stops_the_loop_and_leaves_nothing_running(shared_model
             **GREEDY,
         )
     assert not shared_model._streams
-    assert _idle(shared_model)
+    assert slots_idle(shared_model)
 
 
 @pytest.mark.integration
@@ -291,7 +372,7 @@ def test_ctrl_c_during_a_reply_cancels_the_stream(shared_model):
     stream._thread.join(10)
     assert stream.finish_reason == "cancelled" and stream.metrics.generated_tokens < 400
     assert stream._state not in shared_model._streams
-    assert _idle(shared_model)
+    assert slots_idle(shared_model)
 
 
 # -- the command line: chat --tools ---------------------------------------------------
@@ -333,7 +414,7 @@ def test_bad_tools_specs_are_usage_errors_before_anything_loads(tool_module, mon
         raise AssertionError("a usage error must be reported before anything starts")
 
     monkeypatch.setattr("llamarocm.load_model", refuse)
-    monkeypatch.setattr("llamarocm.cli.default_model_path", refuse)
+    monkeypatch.setattr("llamarocm.cli.options.default_model_path", refuse)
     with pytest.raises(SystemExit) as info:
         main(["chat", "--tools", spec])
     assert info.value.code == 2
@@ -360,6 +441,21 @@ def test_chat_loop_with_tools_runs_the_loop_each_turn(shared_model):
     assert history[2]["role"] == "tool" and history[2]["content"].startswith("sunny in ")
     assert "[call get_weather(" in shown and f"[get_weather -> {history[2]['content']}]" in shown
     _check_transcript(history)
+
+
+@pytest.mark.integration
+def test_chat_loop_with_tools_shows_a_reply_cut_short(shared_model):
+    import io
+
+    from llamarocm.cli import chat_loop
+
+    lines = iter(["What is the weather in Paris?", "/exit"])
+    out = io.StringIO()
+    history = chat_loop(
+        shared_model, lambda: next(lines), out, tools=[get_weather], tool_choice="required", max_tokens=5, **GREEDY
+    )
+    assert history[-1] == {"role": "assistant", "content": ""}
+    assert out.getvalue() == " [cut short]\n"
 
 
 @pytest.mark.integration

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_pid_gone
+from conftest import llama_server_pids, running, wait_pid_gone
 
 import llamarocm
 from llamarocm.batch import BatchItem, read_back
@@ -178,24 +178,14 @@ def _batch_argv(model_path, server_binary, inp, out, *extra):
             "--server", server_binary, *CLI_SETTINGS, *extra]
 
 
-def _server_children(pid: int) -> "list[int]":
-    found = subprocess.run(["pgrep", "-P", str(pid), "-f", "llama-server"], capture_output=True, text=True)
-    return [int(p) for p in found.stdout.split()]
-
-
 def _stop_mid_run(argv, out: Path, sig: int) -> "tuple[int, str]":
     """Start the batch, wait for its first lines, send ``sig``; its exit code and stderr."""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with running(argv) as proc:
         _wait_for_lines(out, 5, 90, proc)
-        servers = _server_children(proc.pid)
+        servers = llama_server_pids(proc.pid)
         assert servers, "no llama-server under the batch"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     for pid in servers:
         assert wait_pid_gone(pid, 15), "the batch's llama-server outlived it"
     return proc.returncode, err
@@ -324,6 +314,21 @@ def test_batch_on_a_file_another_run_holds_exits_1_naming_it(monkeypatch, tmp_pa
         assert main(["batch", str(inp), str(out), "--model", "x.gguf"]) == 1
     err = capsys.readouterr().err
     assert f"{out} is in use by another run" in err
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-output", "existing-output"])
+def test_batch_whose_model_does_not_start_leaves_no_empty_output_it_created(existing, monkeypatch, tmp_path, capsys):
+    def fail_to_start(*args, **kwargs):
+        raise llamarocm.ServerStartError("llama-server exited with status 1 before it was ready")
+
+    inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
+    _write_input(inp, PROMPTS[:2])
+    if existing:
+        out.write_bytes(b"")
+    monkeypatch.setattr(llamarocm, "load_model", fail_to_start)
+    assert main(["batch", str(inp), str(out), "--model", "x.gguf"]) == 1
+    assert "before it was ready" in capsys.readouterr().err
+    assert out.exists() == existing  # created by the run and empty: removed; there before: kept
 
 
 # -- the benchmark ------------------------------------------------------------------------

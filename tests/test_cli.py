@@ -218,7 +218,7 @@ def nothing_starts(monkeypatch):
 
     monkeypatch.setattr("llamarocm.load_model", refuse)
     monkeypatch.setattr("llamarocm.RpcWorker", refuse)
-    monkeypatch.setattr("llamarocm.cli.default_model_path", refuse)
+    monkeypatch.setattr("llamarocm.cli.options.default_model_path", refuse)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from conftest import llama_server_pids
 import llamarocm
 from llamarocm import cli
 from llamarocm.checkpoint import settings_identity
+from llamarocm.cli.arguments import lora_spec
 from llamarocm.config import GenerateConfig, LoadConfig
 from llamarocm.lora import LoraAdapters, check_adapter_file, parse_lora
 
@@ -269,6 +270,8 @@ def test_an_unknown_adapter_is_refused_before_anything_is_sent(lora_model, share
             model.generate(PROMPT, lora={"other.gguf": 1.0})
         with pytest.raises(ValueError, match="LoRA adapter 'other.gguf'"):
             model.chat([{"role": "user", "content": "Hi"}], lora={"other.gguf": 1.0})
+        with pytest.raises(ValueError, match="LoRA adapter 'other.gguf'"):
+            model.map([PROMPT, PROMPT], lora={"other.gguf": 1.0})  # once for the call, not per item
     assert lora_model.last_error is None or "other.gguf" not in str(lora_model.last_error)
 
 
@@ -323,7 +326,7 @@ def test_the_documented_example_runs(adapter, model_path):
      ("dir:x/a.gguf", ("dir:x/a.gguf", 1.0)), ("dir:x/a.gguf:2", ("dir:x/a.gguf", 2.0))],
 )
 def test_the_command_lines_lora_option(text, spec):
-    assert cli._lora_spec(text) == spec
+    assert lora_spec(text) == spec
 
 
 def test_a_bad_lora_option_is_a_usage_error(capsys):

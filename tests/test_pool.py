@@ -56,12 +56,18 @@ def test_bad_model_arguments_are_refused_before_any_load(model_path):
     with llamarocm.ModelPool() as pool:
         with pytest.raises(TypeError, match="contxt_length"):
             pool.model(model_path, contxt_length=256)
-        with pytest.raises(TypeError, match="not hashable"):
+        with pytest.raises(TypeError, match="extra_args must be"):
             pool.model(model_path, extra_args={"--no-warmup"})
         with pytest.raises(ValueError):
             pool.model(model_path, wait=-1)
         with pytest.raises(TypeError):
             pool.model(b"model.gguf")
+        # Refused when asked for, as load_model would refuse them, not on entering.
+        for bad, error in [({"parallel": 0}, ValueError), ({"context_length": "x"}, TypeError),
+                           ({"sessions": 1}, TypeError), ({"cache_ram": -5}, ValueError),
+                           ({"lora": [("a.gguf", "x")]}, TypeError)]:
+            with pytest.raises(error):
+                pool.model(model_path, **bad)
         with pytest.raises(llamarocm.ModelNotFoundError):
             with pool.model(model_path + ".missing"):
                 pass

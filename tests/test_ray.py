@@ -24,7 +24,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 import pytest  # noqa: E402
-from conftest import _unavailable, wait_pid_gone  # noqa: E402
+from conftest import _unavailable, running, wait_pid_gone  # noqa: E402
 
 try:
     import ray
@@ -235,6 +235,54 @@ def test_bad_arguments_fail_before_anything_starts(model_path):
     assert not ray.is_initialized(), "a check started Ray"
 
 
+@pytest.mark.parametrize("arguments, error, message", [
+    ({"ray_options": 5}, TypeError, "ray_options must be a mapping of Ray actor options"),
+    ({"ray_options": ["num_cpus"]}, TypeError, "ray_options must be a mapping"),
+    ({"ray_options": {1: 2}}, TypeError, "ray_options' keys must be option names"),
+    ({"ray_options": {"num_cpuz": 1}}, ValueError, "ray_options: Invalid option keyword num_cpuz"),
+    ({"ray_options": {"num_cpus": -1}}, ValueError, "ray_options: .*cannot be negative"),
+    ({"ray_options": {"resources": 5}}, TypeError, "ray_options: .*resources"),
+    ({"load_options": 5}, TypeError, "load_options must be a mapping of load options"),
+    ({"load_options": {1: 2}}, TypeError, "load_options' keys must be"),
+    ({"gpus_per_replica": float("nan")}, ValueError, "gpus_per_replica must be a number >= 0"),
+    ({"gpus_per_replica": float("inf")}, ValueError, "gpus_per_replica must be a number >= 0"),
+    ({"gpus_per_replica": "1"}, ValueError, "gpus_per_replica must be a number >= 0"),
+    ({"replicas": 2.0}, ValueError, "replicas must be a positive int"),
+    ({"ready_timeout": -1}, ValueError, "ready_timeout"),
+    ({"progress": 5}, TypeError, "progress must be callable"),
+])
+def test_bad_pool_arguments_fail_before_anything_starts(model_path, arguments, error, message):
+    _need_ray()
+    import llamarocm.ray
+
+    with pytest.raises(error, match=message):
+        llamarocm.ray.map(model_path, ["a"], **arguments)
+    if "progress" not in arguments:
+        with pytest.raises(error, match=message):
+            llamarocm.ray.ReplicaPool(model_path, **arguments)
+    assert not ray.is_initialized(), "a check started Ray"
+
+
+def test_replicas_that_fit_counts_whole_replicas_per_node():
+    _need_ray()
+    from llamarocm.ray import replica_needs, replicas_that_fit
+
+    head = {"Alive": True, "Resources": {"CPU": 1.0, "memory": 1e9}}
+    gpu_node = {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0, "memory": 1e9}}
+    dead = {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 8.0}}
+    nodes = [head, gpu_node, gpu_node, dead]
+    # A replica holds one CPU (Ray's default for an actor that asks for resources).
+    assert replica_needs(1, {}) == {"CPU": 1.0, "GPU": 1.0}
+    assert replicas_that_fit(nodes, replica_needs(1, {})) == 2
+    assert replicas_that_fit(nodes, replica_needs(0.5, {})) == 4
+    assert replicas_that_fit(nodes, replica_needs(2, {})) == 0
+    assert replicas_that_fit(nodes, replica_needs(0, {})) == 5  # CPUs: 1 + 2 + 2
+    assert replicas_that_fit(nodes, replica_needs(0, {"num_cpus": 2})) == 2
+    assert replicas_that_fit(nodes, replica_needs(1, {"resources": {"big": 1}})) == 0
+    assert replicas_that_fit(nodes, replica_needs(0, {"num_cpus": 0})) is None  # no limit
+    assert replicas_that_fit([], replica_needs(1, {})) == 0
+
+
 def test_the_checkpoint_is_opened_before_any_replica_starts(model_path, shared_model, tmp_path):
     _need_ray()
     import llamarocm
@@ -265,6 +313,12 @@ def test_the_checkpoint_is_opened_before_any_replica_starts(model_path, shared_m
     (["--ray", "auto", "--gpus-per-replica", "-1"], "gpus_per_replica must be a number >= 0"),
     (["--ray", "auto", "--gpus-per-replica", "0", "--gpu-layers", "all"], "offloads no layers"),
     (["--ray", " "], "--ray needs auto or the address"),
+    (["--ray", "bad address!!"], "--ray needs auto or the address of a Ray cluster (HOST:PORT or ray://HOST:PORT)"),
+    (["--ray", "127.0.0.1"], "--ray needs auto or the address"),
+    (["--ray", "127.0.0.1:99999"], "port 99999"),
+    (["--ray", "127.0.0.1:0"], "port 0"),
+    (["--ray", "ray://"], "--ray needs auto or the address"),
+    (["--ray", "http://127.0.0.1:6379"], "--ray needs auto or the address"),
     (["--ray", "auto", "no-ray"], "--ray needs Ray, which does not import here"),
 ])
 def test_batch_ray_usage_errors_exit_2_before_anything_starts(
@@ -287,7 +341,8 @@ def test_batch_ray_usage_errors_exit_2_before_anything_starts(
     assert not ray.is_initialized()
 
 
-def test_batch_ray_auto_without_a_cluster_exits_1_saying_so(tmp_path, capsys, monkeypatch, cli_logging):
+@pytest.mark.parametrize("existing", [False, True], ids=["new-output", "existing-output"])
+def test_batch_ray_auto_without_a_cluster_exits_1_saying_so(existing, tmp_path, capsys, monkeypatch, cli_logging):
     _need_ray()
     from llamarocm.cli import main
 
@@ -295,11 +350,32 @@ def test_batch_ray_auto_without_a_cluster_exits_1_saying_so(tmp_path, capsys, mo
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
     inp.write_text('{"id": 1, "prompt": "1, 2, 3,"}\n')
+    if existing:
+        out.write_bytes(b"")
     assert main(["batch", str(inp), str(out), "--ray", "auto"]) == 1
     err = capsys.readouterr().err
     assert "cannot connect to a Ray cluster (--ray auto)" in err and "ray start --head" in err, err
     assert not ray.is_initialized() and not _ray_processes()
-    assert _lines(out) == []  # opened (and locked) first, as without --ray; nothing in it
+    # Opened (and locked) first, as without --ray; an OUTPUT this run created and left
+    # empty is removed, one that was there stays.
+    assert out.exists() == existing
+
+
+def test_batch_ray_on_a_closed_port_gives_up_soon(tmp_path):
+    """In a process of its own: the bound on Ray's connection is set before Ray is
+    imported (here it already is)."""
+    _need_ray()
+    inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
+    inp.write_text('{"id": 1, "prompt": "1, 2, 3,"}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_USAGE_STATS_ENABLED"}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "llamarocm", "batch", str(inp), str(out), "--ray", "127.0.0.1:1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    seconds = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot connect to a Ray cluster (--ray 127.0.0.1:1)" in proc.stderr, proc.stderr
+    assert seconds < 45, f"gave up after {seconds:.0f} s"
+    assert not out.exists()
 
 
 # -- on the cluster ----------------------------------------------------------------------
@@ -519,6 +595,55 @@ def test_a_replica_that_cannot_load_fails_the_map(session, tmp_path):
     assert "missing.gguf" in str(caught.value)
 
 
+class _CountActors:
+    """Stands for the replica's actor class: counts the actors made through it."""
+
+    def __init__(self, real):
+        self.real, self.made = real, 0
+
+    def options(self, **options):
+        made = self.real.options(**options)
+        counter = self
+
+        class _Counted:
+            def remote(self, *args, **kwargs):
+                counter.made += 1
+                return made.remote(*args, **kwargs)
+
+        return _Counted()
+
+
+def test_a_replica_no_node_can_hold_fails_at_once_saying_why(session, model_path, server_binary, monkeypatch):
+    import llamarocm
+    import llamarocm.ray
+
+    actors = _CountActors(llamarocm.ray._RemoteReplica)
+    monkeypatch.setattr(llamarocm.ray, "_RemoteReplica", actors)
+    started = time.monotonic()
+    # No node of the cluster has two GPUs: as a cluster without GPUs with the default 1.
+    with pytest.raises(llamarocm.ServerStartError) as caught:
+        llamarocm.ray.map(model_path, ["a"], gpus_per_replica=2, server_path=server_binary)
+    message = str(caught.value)
+    assert "2 GPUs" in message and "at most 1 GPU on one node" in message, message
+    assert "gpus_per_replica=0" in message, message
+    with pytest.raises(llamarocm.ServerStartError, match="'no-such-resource'"):
+        _pool(model_path, server_binary, ray_options={"resources": {"no-such-resource": 1}})
+    assert time.monotonic() - started < 20, "it waited for Ray to place a replica"
+    assert actors.made == 0
+
+
+def test_more_replicas_than_fit_start_what_fits_with_a_warning(session, model_path, server_binary, caplog, monkeypatch):
+    import llamarocm.ray
+
+    actors = _CountActors(llamarocm.ray._RemoteReplica)
+    monkeypatch.setattr(llamarocm.ray, "_RemoteReplica", actors)
+    with caplog.at_level(logging.WARNING, logger="llamarocm"):
+        pool = _pool(model_path, server_binary, replicas=3)
+    with pool:
+        assert len(pool.actors) == actors.made == 2
+    assert "only 2 of the 3 replicas fit" in caplog.text, caplog.text
+
+
 def test_ray_data_predictor(session, model_path, server_binary, expected):
     try:
         import ray.data
@@ -572,18 +697,12 @@ def test_batch_on_ray_stopped_mid_run_resumes_to_the_local_result(
     # A driver of its own (it connects to the cluster by its address), stopped once
     # five items are in the file.
     before = set(_replica_servers())
-    proc = subprocess.Popen([sys.executable, "-m", "llamarocm", *argv], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with running([sys.executable, "-m", "llamarocm", *argv]) as proc:
         _wait(lambda: _count_lines(out) >= 5 or proc.poll() is not None, 120)
         assert proc.poll() is None, proc.communicate()
         servers = set(_replica_servers()) - before
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == code, err
     if sig == signal.SIGINT:
         assert "interrupted" in err and "run the same command again" in err, err

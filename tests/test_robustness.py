@@ -10,6 +10,7 @@ import socket
 import threading
 
 import pytest
+from conftest import slots_idle
 
 import llamarocm
 from llamarocm import server as server_module
@@ -18,17 +19,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 GREEDY = {"temperature": 0.0, "top_k": 1}
 LONG = {"max_tokens": 600, "extra": {"ignore_eos": True}}
-
-
-def _idle(model, timeout=5.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(slot.get("is_processing") for slot in model.client.slots()):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def test_a_stalled_server_times_out_and_the_stream_is_cancelled(model):
     finally:
         os.kill(model.server.pid, signal.SIGCONT)
     assert stream.error is info.value
-    assert _idle(model), "the timed-out request kept its slot"
+    assert slots_idle(model), "the timed-out request kept its slot"
 
 
 def test_ctrl_c_while_waiting_for_a_token_cancels(model):
@@ -71,7 +61,7 @@ def test_ctrl_c_while_waiting_for_a_token_cancels(model):
     with pytest.raises(KeyboardInterrupt):
         next(stream)
     assert stream.finish_reason == "cancelled"
-    assert _idle(model)
+    assert slots_idle(model)
 
 
 def test_ctrl_c_in_a_loop_over_a_temporary_stream_cancels(model):
@@ -85,7 +75,7 @@ def test_ctrl_c_in_a_loop_over_a_temporary_stream_cancels(model):
     with pytest.raises(KeyboardInterrupt):
         consume()
     # The stream was only referenced by the unwound loop: collecting it cancelled it.
-    assert _idle(model)
+    assert slots_idle(model)
 
 
 def test_fork_child_neither_uses_nor_stops_the_parents_server(model):

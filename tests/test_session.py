@@ -15,7 +15,7 @@ import threading
 import pytest
 
 import llamarocm
-from llamarocm import ChatSession, SessionFileError, SessionMismatchError
+from llamarocm import ChatSession, SessionFileError, SessionMismatchError, _kv_setup, _slot_state
 from llamarocm import session as session_module
 from llamarocm._slot_state import read_state_file, slot_file_holds, write_state_file
 
@@ -332,8 +332,9 @@ def test_a_file_from_another_model_or_build_is_refused(session_model, tmp_path):
         (state.header["model"], "b9999-elsewhere", "build"),
     ]:
         forged = tmp_path / "forged.state"
-        write_state_file(str(forged), identity=identity, server_build=build, messages=state.messages,
-                         tokens=state.tokens, slot_bytes=state.slot_bytes)
+        write_state_file(str(forged), identity=identity, server_build=build, adapters=[],
+                         kv_flags=state.header["kv_flags"], messages=state.messages, tokens=state.tokens,
+                         slot_bytes=state.slot_bytes)
         with pytest.raises(SessionMismatchError, match=words) as caught:
             ChatSession.load(session_model, forged)
         assert caught.value.messages == chat.messages  # the conversation is not lost
@@ -344,7 +345,8 @@ def test_a_conversation_longer_than_the_context_is_refused(session_model, model_
     chat = _conversation(session_model)
     path = tmp_path / "chat.state"
     chat.save(path)
-    with llamarocm.load_model(model_path, context_length=128, sessions=True, server_path=server_binary) as small:
+    with llamarocm.load_model(model_path, context_length=128, parallel=2, sessions=True,
+                              server_path=server_binary) as small:
         with pytest.raises(SessionMismatchError, match="context_length"):
             ChatSession.load(small, path)
 
@@ -374,7 +376,8 @@ def test_damaged_files_are_refused(session_model, tmp_path):
     state = read_state_file(str(path))
     forged = tmp_path / "bad-messages.state"
     write_state_file(str(forged), identity=state.header["model"], server_build=state.header["server_build"],
-                     messages=[{"role": "user"}], tokens=state.tokens, slot_bytes=state.slot_bytes)
+                     adapters=[], kv_flags=state.header["kv_flags"], messages=[{"role": "user"}],
+                     tokens=state.tokens, slot_bytes=state.slot_bytes)
     with pytest.raises(SessionFileError, match="messages"):
         ChatSession.load(session_model, forged)
 
@@ -449,3 +452,274 @@ def test_a_load_that_fails_leaves_no_slot_directory(model_path, fake_server, mon
     with pytest.raises(llamarocm.ServerStartError):
         llamarocm.load_model(model_path, sessions=True, server_path=fake_server, startup_timeout=30)
     assert len(made) == 1 and not os.path.exists(made[0])
+
+
+# -- what a saved state depends on: adapters, their scales, KV-cache flags ---------
+
+
+@pytest.fixture(scope="module")
+def session_adapter(tmp_path_factory):
+    from test_lora import build_adapter
+
+    return build_adapter(tmp_path_factory.mktemp("session-lora") / "style.gguf")
+
+
+@pytest.fixture(scope="module")
+def adapter_session_model(model_path, server_binary, session_adapter):
+    """A model that saves sessions, with one LoRA adapter at scale 1.0."""
+    with llamarocm.load_model(model_path, context_length=512, sessions=True, lora=[(session_adapter, 1.0)],
+                              server_path=server_binary) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def f32_session_model(model_path, server_binary):
+    """A model that saves sessions, with an f32 K cache instead of the default f16."""
+    with llamarocm.load_model(model_path, context_length=512, sessions=True, extra_args=["-ctk", "f32"],
+                              server_path=server_binary) as model:
+        yield model
+
+
+def _short_conversation(model):
+    chat = model.session("You keep lists.")
+    chat.send("Item 1 is a red cup.", max_tokens=4, **GREEDY).text()
+    return chat
+
+
+def test_a_file_saved_with_an_adapter_is_refused_by_a_model_without_it(adapter_session_model, session_model,
+                                                                       tmp_path):
+    chat = _short_conversation(adapter_session_model)
+    path = tmp_path / "with-adapter.state"
+    chat.save(path)
+    with pytest.raises(SessionMismatchError, match="LoRA adapter") as caught:
+        ChatSession.load(session_model, path)
+    assert caught.value.messages == chat.messages
+    # And the other way round.
+    plain = tmp_path / "plain.state"
+    _short_conversation(session_model).save(plain)
+    with pytest.raises(SessionMismatchError, match="LoRA adapter"):
+        ChatSession.load(adapter_session_model, plain)
+    # The same setup loads it.
+    assert ChatSession.load(adapter_session_model, path).messages == chat.messages
+
+
+def test_a_file_saved_at_one_adapter_scale_is_refused_at_another(adapter_session_model, tmp_path):
+    chat = _short_conversation(adapter_session_model)
+    path = tmp_path / "scale.state"
+    chat.save(path)
+    adapter_session_model.set_lora({"style.gguf": 0.5})
+    try:
+        with pytest.raises(SessionMismatchError, match="scale"):
+            ChatSession.load(adapter_session_model, path)
+    finally:
+        adapter_session_model.set_lora({"style.gguf": 1.0})
+    assert ChatSession.load(adapter_session_model, path).messages == chat.messages
+
+
+def test_a_file_saved_with_another_adapter_file_is_refused(adapter_session_model, tmp_path):
+    from test_lora import build_adapter
+
+    chat = _short_conversation(adapter_session_model)
+    path = tmp_path / "adapter.state"
+    chat.save(path)
+    state = read_state_file(str(path))
+    other = build_adapter(tmp_path / "style.gguf", seed=1, rank=4)  # same name, other file
+    forged = tmp_path / "other-adapter.state"
+    write_state_file(str(forged), identity=state.header["model"], server_build=state.header["server_build"],
+                     adapters=[dict(_slot_state.model_identity(str(other)), scale=1.0)],
+                     kv_flags=state.header["kv_flags"], messages=state.messages, tokens=state.tokens,
+                     slot_bytes=state.slot_bytes)
+    with pytest.raises(SessionMismatchError, match="LoRA adapter"):
+        ChatSession.load(adapter_session_model, forged)
+
+
+def test_a_file_saved_with_other_kv_cache_flags_is_refused(session_model, f32_session_model, tmp_path):
+    chat = _short_conversation(session_model)
+    path = tmp_path / "f16.state"
+    chat.save(path)
+    with pytest.raises(SessionMismatchError, match="cache-type-k") as caught:
+        ChatSession.load(f32_session_model, path)
+    assert caught.value.messages == chat.messages
+    flags = read_state_file(str(path)).header["kv_flags"]
+    assert flags == _kv_setup.kv_flags(session_model.server.args)
+    assert ["--swa-full"] in flags and ["--parallel", "2"] in flags
+
+
+def test_a_file_saved_with_another_slot_count_is_refused(session_model, model_path, server_binary, tmp_path):
+    """llama-server restores a slot's state only into a server with as many slots
+    (measured: parallel 2 into 1 or 4 is refused, with words about KV space)."""
+    chat = _short_conversation(session_model)
+    path = tmp_path / "two-slots.state"
+    chat.save(path)
+    with llamarocm.load_model(model_path, context_length=2048, sessions=True, server_path=server_binary) as one:
+        with pytest.raises(SessionMismatchError, match="--parallel 2.*--parallel 1"):
+            ChatSession.load(one, path)
+
+
+def test_a_restore_the_server_refuses_is_a_mismatch(session_model, f32_session_model, tmp_path):
+    """Past our own checks (a forged identity), the server itself refuses f16 KV bytes
+    for an f32 cache: that is a mismatch too, with the messages kept."""
+    chat = _short_conversation(session_model)
+    path = tmp_path / "f16.state"
+    chat.save(path)
+    state = read_state_file(str(path))
+    forged = tmp_path / "forged.state"
+    write_state_file(str(forged), identity=state.header["model"], server_build=state.header["server_build"],
+                     adapters=[], kv_flags=_kv_setup.kv_flags(f32_session_model.server.args),
+                     messages=state.messages, tokens=state.tokens, slot_bytes=state.slot_bytes)
+    with pytest.raises(SessionMismatchError, match="llama-server refused") as caught:
+        ChatSession.load(f32_session_model, forged)
+    assert caught.value.messages == chat.messages
+    assert os.listdir(f32_session_model._slot_dir.path) == []
+
+
+def test_kv_flags_are_read_from_the_server_arguments():
+    flags = _kv_setup.kv_flags(["-c", "512", "-np", "3", "-ctk", "q8_0", "--cache_type_v", "q8_0", "-fa", "on",
+                                  "--rope-scale", "2", "--control-vector-layer-range", "1", "5",
+                                  "--swa-full", "--threads", "2", "-fa"])
+    assert flags == [["--parallel", "3"], ["--cache-type-k", "q8_0"], ["--cache-type-v", "q8_0"],
+                     ["--flash-attn", "on"], ["--rope-scale", "2"], ["--control-vector-layer-range", "1", "5"],
+                     ["--swa-full"], ["--flash-attn"]]
+
+
+def test_a_file_of_the_previous_format_is_refused_as_a_mismatch(session_model, tmp_path):
+    import json
+    import struct
+
+    chat = _short_conversation(session_model)
+    path = tmp_path / "new.state"
+    chat.save(path)
+    state = read_state_file(str(path))
+    header = {key: value for key, value in state.header.items() if key not in ("adapters", "kv_flags")}
+    header["format"] = 1
+    encoded = json.dumps(header).encode()
+    old = tmp_path / "old.state"
+    old.write_bytes(_slot_state.MAGIC + struct.pack("<Q", len(encoded)) + encoded + state.slot_bytes)
+    with pytest.raises(SessionMismatchError, match="older llamarocm") as caught:
+        ChatSession.load(session_model, old)
+    assert caught.value.messages == chat.messages
+
+
+# -- save checks its target first ------------------------------------------------
+
+
+@pytest.fixture
+def counted_calls(session_model, monkeypatch):
+    calls = []
+    real = session_model._call
+
+    def counting(fn):
+        calls.append(fn)
+        return real(fn)
+
+    monkeypatch.setattr(session_model, "_call", counting)
+    return calls
+
+
+def test_save_checks_its_target_before_any_request(session_model, tmp_path, counted_calls):
+    chat = session_model.session(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for target, error in [
+        (tmp_path, IsADirectoryError),
+        (tmp_path / "missing" / "chat.state", FileNotFoundError),
+        (a_file / "chat.state", NotADirectoryError),
+        (str(tmp_path / "ends-with-a-slash") + os.sep, IsADirectoryError),
+    ]:
+        with pytest.raises(error, match=str(target)):
+            chat.save(target)
+    if os.getuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(PermissionError):
+            chat.save(locked / "chat.state")
+    assert counted_calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "locked"][: 1 if os.getuid() == 0 else 2]
+    chat.save(tmp_path / "chat.state")
+    assert counted_calls  # the checks do not refuse a good target
+
+
+# -- tool calls in a session -----------------------------------------------------
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def test_a_turn_that_calls_a_tool_is_recorded_and_answered(shared_model):
+    chat = shared_model.session()
+    stream = chat.send("Add 2 and 3", tools=[add], tool_choice="required", max_tokens=40, **GREEDY)
+    text = stream.text()
+    assert stream.finish_reason == "tool_calls"
+    call = stream.tool_calls[0]
+    assert chat.messages == [
+        {"role": "user", "content": "Add 2 and 3"},
+        # OpenAI's shape: no content (None) unless the reply said something before its call.
+        {"role": "assistant", "content": text or None, "tool_calls": [c.to_openai() for c in stream.tool_calls]},
+    ]
+    with pytest.raises(ValueError, match="add_tool_result"):
+        chat.send("And 4 and 5?", tools=[add])  # the calls are not answered yet
+    with pytest.raises(ValueError, match="no call"):
+        chat.add_tool_result("not-a-call-id", "5")
+    with pytest.raises(TypeError):
+        chat.add_tool_result(call.id, 5)
+    chat.add_tool_result(call.id, str(add(**call.arguments)))
+    assert chat.messages[-1] == {"role": "tool", "tool_call_id": call.id, "name": "add", "content": "5"}
+    with pytest.raises(ValueError, match="already"):
+        chat.add_tool_result(call.id, "5")
+    reply = chat.send(tools=[add], tool_choice="none", max_tokens=12, **GREEDY)  # the model answers the result
+    text = reply.text()
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "assistant"]
+    assert chat.messages[-1] == {"role": "assistant", "content": text}
+
+
+def test_send_without_a_message_needs_tool_results_to_answer(shared_model):
+    chat = shared_model.session()
+    with pytest.raises(ValueError, match="tool result"):
+        chat.send()
+    with pytest.raises(ValueError, match="no call"):
+        chat.add_tool_result("call-1", "5")
+
+
+# -- settings are checked before anything is sent ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings, error",
+    [
+        ({"extra": "x"}, TypeError),
+        ({"extra": {1: 2}}, TypeError),
+        ({"extra": {"prompt": "x"}}, ValueError),
+        ({"max_tokens": "4"}, TypeError),
+        ({"temperature": "hot"}, TypeError),
+        ({"top_k": 1.5}, TypeError),
+        ({"top_p": "x"}, TypeError),
+        ({"min_p": "x"}, TypeError),
+        ({"repeat_penalty": "x"}, TypeError),
+        ({"seed": "x"}, TypeError),
+        ({"stop": 3}, TypeError),
+        ({"json_schema": "x"}, TypeError),
+        ({"grammar": 3}, TypeError),
+        ({"logprobs": "x"}, TypeError),
+        ({"timeout": "x"}, TypeError),
+        ({"lora": "x"}, TypeError),
+        ({"reasoning": "x"}, TypeError),
+        ({"chat_template_kwargs": "x"}, TypeError),
+        ({"tools": "x"}, TypeError),
+        ({"tools": [add], "tool_choice": 3}, TypeError),
+        ({"response_format": 3}, TypeError),
+        ({"no_such_setting": 1}, TypeError),
+    ],
+)
+def test_bad_settings_are_refused_with_clear_messages_before_any_request(shared_model, monkeypatch, settings,
+                                                                         error):
+    calls = []
+    real = shared_model._call
+    monkeypatch.setattr(shared_model, "_call", lambda fn: calls.append(fn) or real(fn))
+    chat = shared_model.session()
+    chat._pinned_slot = 0  # the path that adds id_slot to extra
+    with pytest.raises(error) as caught:
+        chat.send("Hi", **settings)
+    assert "dictionary update" not in str(caught.value)
+    assert calls == [] and chat.messages == []

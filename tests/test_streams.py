@@ -110,6 +110,31 @@ def test_chat_renders_then_streams_a_completion(model, canned):
     assert canned.body(1)["prompt"] == "<turn>user Hello<turn>model " and canned.body(1)["n_predict"] == 8
 
 
+def test_text_is_the_whole_text_however_much_was_read_before(model, canned):
+    """As with reasoning_text() (and openai's stream helpers), text() returns all of the
+    text, not only what the caller's own loop left unread; and again when called twice."""
+    canned.json("/apply-template", {"prompt": "<turn>user Hello<turn>model "})
+    canned.stream("/completion", _sse(
+        {"content": "<think>hm", "tokens": [1], "stop": False},
+        {"content": "</think>Hi", "tokens": [2], "stop": False},
+        {"content": " there", "tokens": [3], "stop": False},
+        {"content": "!", "tokens": [4], "stop": False},
+        DONE,
+    ))
+    read = model.generate("x")
+    assert next(read).text == "<think>hm"
+    assert read.text() == "<think>hm</think>Hi there!"
+    assert read.text() == "<think>hm</think>Hi there!"
+    looped = model.generate("x")
+    assert "".join(t.text for t in looped) == looped.text() == "<think>hm</think>Hi there!"
+    split = model.chat([{"role": "user", "content": "Hello"}], reasoning=True)
+    first = [next(split) for _ in range(3)]
+    assert [t.reasoning for t in first] == [True, False, False]
+    assert split.text() == "Hi there!" and split.reasoning_text() == "hm"
+    ahead = model.chat([{"role": "user", "content": "Hello"}], reasoning=True)
+    assert ahead.reasoning_text() == "hm" and ahead.text() == "Hi there!" and ahead.text() == "Hi there!"
+
+
 def test_chat_template_failure_is_typed(model, canned):
     canned.json("/apply-template", {"error": {"message": "template error"}}, status=500)
     with pytest.raises(llamarocm.RequestError, match="template error"):

@@ -157,8 +157,13 @@ def test_functions_that_cannot_be_tools_are_refused_clearly():
 
     with pytest.raises(TypeError, match="needs a type hint"):
         function_schema(unhinted)
-    with pytest.raises(TypeError, match=r"\*args"):
+    def keywords(**kw: int) -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"tool star: \*args has no JSON schema"):
         function_schema(star)
+    with pytest.raises(TypeError, match=r"tool keywords: \*\*kw has no JSON schema"):
+        function_schema(keywords)
     with pytest.raises(TypeError, match="positional-only"):
         function_schema(positional)
     with pytest.raises(TypeError, match="lambda"):

@@ -1,4 +1,5 @@
-"""The command line of ``llamarocm bench``: its options, and a run from parsed arguments.
+"""The command line of ``llamarocm bench``: its options, and a run from parsed arguments;
+and the options every script in benchmarks/ takes (:func:`script_parser`).
 
 Light on purpose: the ``llamarocm`` command builds its parser from :func:`add_arguments`,
 so the measuring modules are imported only once a run starts.
@@ -92,6 +93,16 @@ def add_arguments(parser: argparse.ArgumentParser, *, server: bool = True) -> No
                         "else ./bench.json)")
     parser.add_argument("--plot", metavar="FILE", help="PNG of aggregate tok/s (default: next to the JSON)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+
+
+def script_parser(description: str, output: str) -> argparse.ArgumentParser:
+    """The parser of a benchmark script in benchmarks/, with the options they all take:
+    ``--model``, ``--server`` and ``--output`` (default ``output``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", metavar="PATH", help="GGUF file (default: the embedded Gemma 3 270M)")
+    parser.add_argument("--server", metavar="PATH", help="llama-server binary (default: searched)")
+    parser.add_argument("--output", metavar="FILE", default=output, help=f"JSON file (default {output})")
+    return parser
 
 
 def options_from_args(args: argparse.Namespace) -> Tuple[Options, Tuple[str, ...], str]:

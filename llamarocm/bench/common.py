@@ -4,6 +4,7 @@ facts about the machine."""
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import statistics
 import sys
@@ -87,12 +88,33 @@ def alternate(i: int, a: Callable[[], Any], b: Callable[[], Any]) -> Tuple[Any, 
     return ra, rb
 
 
+def rotation(names: Sequence[str], i: int) -> List[str]:
+    """``names`` in round ``i``'s order: who goes first moves on by one each round, so
+    that no side always runs on a warmer (or busier) machine than the others."""
+    k = i % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
 def loadavg() -> Optional[List[float]]:
     """The load averages over 1, 5 and 15 minutes, or None where the system has none."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def machine_facts(model: str, **more: Any) -> Dict[str, Any]:
+    """The machine, Python and llamarocm a run measured with, and its model; ``more``
+    adds what a figure also needs to say (the server binary, the load average...)."""
+    return {
+        "llamarocm": llamarocm.__version__,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "model": model,
+        **more,
+    }
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 
@@ -155,3 +156,24 @@ def write_json(path: str, data: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+
+
+def write_result(path: str, result: Any) -> None:
+    """:func:`write_json`, and say where: the last line a benchmark script prints."""
+    write_json(path, result)
+    print(f"wrote {path}")
+
+
+#: The columns of the tables benchmarks/bench_batch.py and bench_sessions.py print.
+SCRIPT_COLUMNS = ("figure", "llamarocm", "baseline", "ratio (median of pairs)", "target", "met")
+
+
+def finish_run(result: Dict[str, Any], rows: List[List[str]], *, started: float, output: str) -> None:
+    """A benchmark script's ending: how long it took (``started``: its ``time.time()``)
+    and when, ``rows`` printed under :data:`SCRIPT_COLUMNS` and kept in ``result``, and
+    ``result`` written to ``output``."""
+    result["minutes"] = round((time.time() - started) / 60, 1)
+    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["table"] = rows
+    print_columns(SCRIPT_COLUMNS, rows)
+    write_result(output, result)

@@ -4,7 +4,6 @@ result (the JSON that ``llamarocm bench`` writes)."""
 from __future__ import annotations
 
 import os
-import platform
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -12,7 +11,7 @@ import llamarocm
 
 from .._binaries import find_binary
 from .aggregate import figure_aggregate
-from .common import loadavg, log, package_version, perf
+from .common import loadavg, log, machine_facts, package_version, perf
 from .figures import figure_client, figure_gguf, figure_memory, figure_startup, figure_stream
 from .options import FIGURES, Options
 from .replay import record_streams
@@ -24,17 +23,8 @@ Step = Callable[[str, Callable[[], Dict[str, Any]]], None]
 def environment(opts: Options) -> Dict[str, Any]:
     """The machine, the programs and the packages a run measures with."""
     binary = find_binary("server", opts.server)
-    env: Dict[str, Any] = {
-        "llamarocm": llamarocm.__version__,
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "llama_server": binary.path,
-        "llama_server_source": binary.source,
-        "model": opts.model,
-        "model_bytes": os.path.getsize(opts.model),
-    }
+    env = machine_facts(opts.model, llama_server=binary.path, llama_server_source=binary.source,
+                        model_bytes=os.path.getsize(opts.model))
     for name in ("openai", "matplotlib", "gguf", "requests"):
         env[name] = package_version(name)
     return env
