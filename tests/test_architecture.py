@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "llamarocm"
 DOC = PACKAGE.parent / "docs" / "how-it-works.rst"
 
 #: Bottom up. A module may import from lower layers only; the modules of a
-#: subpackage (``bench``, ``cli``) form one unit, free to import each other without a cycle.
+#: subpackage (``bench``, ``cli``, ``ray``) form one unit, free to import each other without a cycle.
 LAYERS: List[List[str]] = [
     ["errors"],
     ["config", "_sse", "_chunked", "chat_templates", "_binaries", "_default_model", "_gguf_values", "_gpu_topology",
@@ -87,7 +87,7 @@ def _imports(module: str, path: Path) -> Set[str]:
 
 
 def _subpackages() -> Set[str]:
-    """The subpackages (``bench``, ``cli``): the docs name them ``bench/``."""
+    """The subpackages (``bench``, ``cli``, ``ray``): the docs name them ``bench/``."""
     return {name for name, path in _modules().items() if path.name == "__init__.py" and name != "__init__"}
 
 

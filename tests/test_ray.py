@@ -265,7 +265,7 @@ def test_bad_pool_arguments_fail_before_anything_starts(model_path, arguments, e
 
 def test_replicas_that_fit_counts_whole_replicas_per_node():
     _need_ray()
-    from llamarocm.ray import replica_needs, replicas_that_fit
+    from llamarocm.ray.placement import replica_needs, replicas_that_fit
 
     head = {"Alive": True, "Resources": {"CPU": 1.0, "memory": 1e9}}
     gpu_node = {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0, "memory": 1e9}}
@@ -617,8 +617,8 @@ def test_a_replica_no_node_can_hold_fails_at_once_saying_why(session, model_path
     import llamarocm
     import llamarocm.ray
 
-    actors = _CountActors(llamarocm.ray._RemoteReplica)
-    monkeypatch.setattr(llamarocm.ray, "_RemoteReplica", actors)
+    actors = _CountActors(llamarocm.ray.pool._RemoteReplica)
+    monkeypatch.setattr(llamarocm.ray.pool, "_RemoteReplica", actors)
     started = time.monotonic()
     # No node of the cluster has two GPUs: as a cluster without GPUs with the default 1.
     with pytest.raises(llamarocm.ServerStartError) as caught:
@@ -626,6 +626,7 @@ def test_a_replica_no_node_can_hold_fails_at_once_saying_why(session, model_path
     message = str(caught.value)
     assert "2 GPUs" in message and "at most 1 GPU on one node" in message, message
     assert "gpus_per_replica=0" in message, message
+    assert "--gpus-per-replica 0" in message, message  # what ``llamarocm batch --ray`` takes
     with pytest.raises(llamarocm.ServerStartError, match="'no-such-resource'"):
         _pool(model_path, server_binary, ray_options={"resources": {"no-such-resource": 1}})
     assert time.monotonic() - started < 20, "it waited for Ray to place a replica"
@@ -635,8 +636,8 @@ def test_a_replica_no_node_can_hold_fails_at_once_saying_why(session, model_path
 def test_more_replicas_than_fit_start_what_fits_with_a_warning(session, model_path, server_binary, caplog, monkeypatch):
     import llamarocm.ray
 
-    actors = _CountActors(llamarocm.ray._RemoteReplica)
-    monkeypatch.setattr(llamarocm.ray, "_RemoteReplica", actors)
+    actors = _CountActors(llamarocm.ray.pool._RemoteReplica)
+    monkeypatch.setattr(llamarocm.ray.pool, "_RemoteReplica", actors)
     with caplog.at_level(logging.WARNING, logger="llamarocm"):
         pool = _pool(model_path, server_binary, replicas=3)
     with pool:
