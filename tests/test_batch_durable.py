@@ -345,6 +345,7 @@ def test_batch_benchmark_quick_run_writes_json(model_path, server_binary, tmp_pa
     result = json.loads(out.read_text())
     assert {p["parallel"] for p in result["map_vs_raw"]} == {1, 2}
     assert all(p["same_tokens"] for p in result["map_vs_raw"])
+    assert all(p["ours_cpu_seconds"]["median"] > 0 < p["baseline_cpu_seconds"]["median"] for p in result["map_vs_raw"])
     assert result["durable_vs_memory"]["ratio"]["runs"] >= 1
     assert result["resume"]["lines"] > 0
     assert "map / raw" in done.stdout
