@@ -306,7 +306,6 @@ class TokenStream:
         # however much of it the caller's own loop (or reasoning_text()) read first.
         self._received: List[List[Token]] = []
         # Set only for a chat session's replies (see _keep_transcript).
-        self._transcript: Optional[List[Token]] = None
         self._on_consumed: Optional[Callable[["TokenStream"], None]] = None
         self._thread = threading.Thread(
             target=read_stream,
@@ -345,8 +344,6 @@ class TokenStream:
         self._buffer = item
         self._index = 1
         self._received.append(item)
-        if self._transcript is not None:
-            self._transcript.extend(item)
         first: Token = item[0]
         return first
 
@@ -397,7 +394,7 @@ class TokenStream:
         on every call (as openai's stream helpers accumulate it)."""
         for _ in self:
             pass
-        return "".join(token.text for batch in self._received for token in batch if not token.reasoning)
+        return self._kept_text
 
     def reasoning_text(self) -> str:
         """Drain the stream and return the reply's reasoning: the text of its
@@ -487,16 +484,16 @@ class TokenStream:
         return self._state.cancel_requested
 
     def _keep_transcript(self, on_consumed: Callable[["TokenStream"], None]) -> None:
-        """Keep every token the consumer takes, and call ``on_consumed(self)`` when it
-        reaches the end (error or not; never on :meth:`close`): what a chat session
-        records of a reply. Must be called before the first token is taken."""
-        self._transcript = []
+        """Call ``on_consumed(self)`` when the consumer reaches the end (error or not;
+        never on :meth:`close`): when a chat session records the reply, as
+        :attr:`_kept_text`. Must be called before the first token is taken."""
         self._on_consumed = on_consumed
 
     @property
     def _kept_text(self) -> str:
-        """The answer's text among the kept tokens (a reply's reasoning is not part of
-        a conversation's history: templates drop it from earlier turns)."""
-        return "".join(token.text for token in self._transcript or () if not token.reasoning)
+        """The answer's text among the tokens taken so far (a reply's reasoning is not
+        part of it, nor of a conversation's history: templates drop it from earlier
+        turns)."""
+        return "".join(token.text for batch in self._received for token in batch if not token.reasoning)
 
 
