@@ -159,11 +159,16 @@ class Model:
             "return_tokens": True,
         }
         body.update(cfg.sampling_fields())
+        return self._open(self._finish_body(body, cfg), cfg, reasoning, parse, tools)
+
+    def _finish_body(self, body: Dict[str, Any], cfg: GenerateConfig) -> Dict[str, Any]:
+        """``body`` with what every request of this model carries last: the adapters'
+        scales, then the caller's ``extra`` fields (which win)."""
         if self._lora or cfg.lora:
             # Every adapter's scale, every time: see llamarocm.lora.
             body["lora"] = self._lora.request_field(cfg.lora)
         body.update(cfg.extra)
-        return self._open(body, cfg, reasoning, parse, tools)
+        return body
 
     def chat(
         self,
@@ -248,10 +253,7 @@ class Model:
             caps = self._call(lambda client: client.props()).get("chat_template_caps") or {}
             self._renders_tools = bool(caps.get("supports_tools") and caps.get("supports_tool_calls"))
         if self._renders_tools and request.offered:
-            body = server_chat_body(messages, cfg, request, template_kwargs)
-            if self._lora or cfg.lora:
-                body["lora"] = self._lora.request_field(cfg.lora)
-            body.update(cfg.extra)
+            body = self._finish_body(server_chat_body(messages, cfg, request, template_kwargs), cfg)
             return self._open(body, cfg, tools=ToolStreamPlan(request, server_side=True))
         if not self._renders_tools:
             messages = request.plain_messages(messages)
