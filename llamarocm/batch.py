@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint, ItemId, Record, item_hash, settings_identity
 from .config import GenerateConfig
 from .errors import SkippedError
 from .messages import check_prompts
-from .stream import GenerateMetrics, TokenStream
+from .stream import GenerateMetrics, TokenStream, consumer_reads
 
 __all__ = ["BatchItem", "BatchResult", "BatchRun", "Resume", "read_back", "run_batch", "run_items"]
 
@@ -158,7 +158,10 @@ class _Batch:
     def _start(self, item: BatchItem) -> Optional[TokenStream]:
         """Open the prompt's stream, tracked for cancelling; ``None`` once stopping."""
         opener = self.generate if isinstance(item.prompt, str) else self.chat
-        stream = opener(item.prompt, **item.options)
+        # The worker waits for the whole reply: it reads the stream itself (no thread
+        # per item; see consumer_reads).
+        with consumer_reads():
+            stream = opener(item.prompt, **item.options)
         with self.lock:
             # Checked with the stream already open and under the lock that cancelling
             # takes: a stop either sees this stream or is seen here.

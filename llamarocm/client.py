@@ -229,7 +229,10 @@ class EventStream:
         self._owner_pid = os.getpid()
 
     def open(self) -> None:
-        """Connect, send the request and read the response headers (raising HTTP errors)."""
+        """Connect, send the request and read the response headers (raising HTTP errors).
+        Nothing, once cancelled: a stream closed before it was read sends no request."""
+        if self.cancelled:
+            return
         started = time.monotonic()
         try:
             self._conn.connect()

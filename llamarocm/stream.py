@@ -1,12 +1,18 @@
 """Streams of tokens: ``TokenStream``, ``Token``, ``GenerateMetrics``, and the reader
-thread behind each stream.
+behind each stream.
 
-Each stream has one reader thread that reads the server's events and puts lists of
-tokens (one list per network read, so a burst costs one queue hand-off) on a queue;
-the consuming iterator takes them off and re-raises the reader's error at the end, in
-the manner of ``concurrent.futures``. The reader always ends with a sentinel, so the
-consumer simply blocks. The reader thread never holds the ``TokenStream`` itself, so
-dropping a stream lets it be collected, which cancels the request.
+Each stream has one reader that reads the server's events and puts lists of tokens
+(one list per network read, so a burst costs one queue hand-off) on a queue; the
+consuming iterator takes them off and re-raises the reader's error at the end, in the
+manner of ``concurrent.futures``. The reader always ends with a sentinel, so the
+consumer simply blocks. The reader never holds the ``TokenStream`` itself, so dropping
+a stream lets it be collected, which cancels the request.
+
+The reader runs on a thread of its own, so that the caller's loop sees each token as
+it comes while the next is read. A batch's workers, which only wait for each reply's
+end, open their streams inside :func:`consumer_reads`: the worker then runs the reader
+itself at its first ``next()``, and a thread per item (its start, and a thread switch
+per hand-off) is saved.
 
 A stream knows nothing of models or servers: whoever opens it hands over what it needs
 (what a lost connection means, what to do when the reader ends, where errors are
@@ -15,6 +21,7 @@ recorded), as a channel receives only the callables it uses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -30,9 +37,29 @@ from .errors import ConnectionLostError, LlamaRocmError, OutputParseError, Reque
 from .reasoning import ReasoningSplitter
 from .tools import ToolCall
 
-__all__ = ["TokenStream", "Token", "TopLogprob", "GenerateMetrics", "StreamState", "fork_error"]
+__all__ = ["TokenStream", "Token", "TopLogprob", "GenerateMetrics", "StreamState", "consumer_reads", "fork_error"]
 
 _END = object()
+
+# Whether streams opened by this thread are read by their consumer (consumer_reads()).
+_opening = threading.local()
+
+
+@contextlib.contextmanager
+def consumer_reads() -> Iterator[None]:
+    """Streams this thread opens inside the block get no reader thread: the thread that
+    consumes one reads it, wholly, at its first ``next()`` (or ``text()``).
+
+    For a consumer that wants only the end (a batch's worker); a loop that shows
+    tokens as they come needs the reader thread. A stream never consumed is settled
+    as cancelled, without a request, by ``close()`` or when it is dropped.
+    """
+    before = getattr(_opening, "by_consumer", False)
+    _opening.by_consumer = True
+    try:
+        yield
+    finally:
+        _opening.by_consumer = before
 
 
 def fork_error(owner_pid: int) -> LlamaRocmError:
@@ -273,6 +300,52 @@ def read_stream(state: StreamState, on_lost: LostHandler, on_end: Callable[[Stre
         on_end(state)
 
 
+class _Reader:
+    """The reading of one stream (:func:`read_stream`), run once, by the first thread
+    to claim it: the reader thread, or for a stream of :func:`consumer_reads` its
+    consumer's first ``next()``, or ``close()`` or the collection of a stream nobody
+    read (cancelled by then, so it only settles the stream, sending nothing)."""
+
+    def __init__(self, state: StreamState, on_lost: LostHandler, on_end: Callable[[StreamState], None]) -> None:
+        self._args = (state, on_lost, on_end)
+        self.state = state
+        self._owner_pid = os.getpid()
+        # Acquired once, never released: a claim that never blocks, so close() from a
+        # signal handler cannot wait on the thread it interrupted.
+        self._claim = threading.Lock()
+        #: The thread that runs (or ran) the reading, once claimed.
+        self.thread: Optional[threading.Thread] = None
+
+    def _claimed(self) -> bool:
+        # Never in a forked child, whose requests would share the parent's connections.
+        return os.getpid() == self._owner_pid and self._claim.acquire(blocking=False)
+
+    def start_thread(self) -> None:
+        """Read on a thread of its own, started now, unless the reading is claimed."""
+        if self._claimed():
+            self.thread = threading.Thread(target=read_stream, args=self._args, name="llamarocm-stream", daemon=True)
+            self.thread.start()
+
+    def read_here(self) -> None:
+        """Read in this thread, unless the reading is claimed."""
+        if self._claimed():
+            self.thread = threading.current_thread()
+            read_stream(*self._args)
+
+    def abandon(self) -> None:
+        """``close()``: cancel; a reading nobody claimed is done here, and only settles
+        the stream."""
+        self.state.cancel()
+        self.read_here()
+
+    def collected(self) -> None:
+        """The stream was dropped: cancel; a reading nobody claimed settles on a thread,
+        as a finalizer runs wherever collection strikes, maybe under a lock the
+        settling takes (a model's, to forget the stream)."""
+        self.state.cancel()
+        self.start_thread()
+
+
 class TokenStream:
     """An iterator of :class:`Token` as the server produces them.
 
@@ -307,15 +380,12 @@ class TokenStream:
         self._received: List[List[Token]] = []
         # Set only for a chat session's replies (see _keep_transcript).
         self._on_consumed: Optional[Callable[["TokenStream"], None]] = None
-        self._thread = threading.Thread(
-            target=read_stream,
-            args=(state, on_lost, on_end),
-            name="llamarocm-stream",
-            daemon=True,
-        )
-        # Cancel on collection; the callback holds only the shared state.
-        self._finalizer = weakref.finalize(self, state.cancel)
-        self._thread.start()
+        self._reader = _Reader(state, on_lost, on_end)
+        # Cancel on collection; the callback holds the reader, never the stream.
+        self._finalizer = weakref.finalize(self, self._reader.collected)
+        self._by_consumer = getattr(_opening, "by_consumer", False)
+        if not self._by_consumer:
+            self._reader.start_thread()
 
     def __iter__(self) -> "TokenStream":
         return self
@@ -330,6 +400,8 @@ class TokenStream:
             return token
         if self._finished:
             raise StopIteration
+        if self._by_consumer:
+            self._reader.read_here()  # the whole reply onto the queue, the first time
         try:
             # Blocks without a timeout: the reader always ends with _END, and a real
             # SIGINT still interrupts the wait.
@@ -365,9 +437,9 @@ class TokenStream:
         """
         if os.getpid() != self._owner_pid:
             return  # a forked child has no reader thread, and must not cut the parent's stream
-        self._state.cancel()
         self._finalizer.detach()
-        if self._thread is not threading.current_thread():
+        self._reader.abandon()
+        if self._reader.thread is not threading.current_thread():
             self._state.done.wait(10.0)
 
     def __repr__(self) -> str:

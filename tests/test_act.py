@@ -369,7 +369,7 @@ def test_ctrl_c_during_a_reply_cancels_the_stream(shared_model):
         )
     interrupter[0].join()
     (stream,) = opened
-    stream._thread.join(10)
+    stream._reader.thread.join(10)
     assert stream.finish_reason == "cancelled" and stream.metrics.generated_tokens < 400
     assert stream._state not in shared_model._streams
     assert slots_idle(shared_model)
