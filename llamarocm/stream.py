@@ -302,16 +302,16 @@ def read_stream(state: StreamState, on_lost: LostHandler, on_end: Callable[[Stre
 
 class _Reader:
     """The reading of one stream (:func:`read_stream`), run once, by the first thread
-    to claim it: the reader thread, or for a stream of :func:`consumer_reads` its
-    consumer's first ``next()``, or ``close()`` or the collection of a stream nobody
-    read (cancelled by then, so it only settles the stream, sending nothing)."""
+    to claim it: the stream's reader thread, or for a stream of :func:`consumer_reads`
+    its consumer's first ``next()``, or, for such a stream closed or dropped before
+    anyone read it, a thread that only settles it (cancelled by then: nothing is sent).
+    """
 
     def __init__(self, state: StreamState, on_lost: LostHandler, on_end: Callable[[StreamState], None]) -> None:
         self._args = (state, on_lost, on_end)
         self.state = state
         self._owner_pid = os.getpid()
-        # Acquired once, never released: a claim that never blocks, so close() from a
-        # signal handler cannot wait on the thread it interrupted.
+        # Acquired once, never released: a claim that never blocks.
         self._claim = threading.Lock()
         #: The thread that runs (or ran) the reading, once claimed.
         self.thread: Optional[threading.Thread] = None
@@ -321,7 +321,7 @@ class _Reader:
         return os.getpid() == self._owner_pid and self._claim.acquire(blocking=False)
 
     def start_thread(self) -> None:
-        """Read on a thread of its own, started now, unless the reading is claimed."""
+        """Read on a thread of its own, started now."""
         if self._claimed():
             self.thread = threading.Thread(target=read_stream, args=self._args, name="llamarocm-stream", daemon=True)
             self.thread.start()
@@ -333,17 +333,14 @@ class _Reader:
             read_stream(*self._args)
 
     def abandon(self) -> None:
-        """``close()``: cancel; a reading nobody claimed is done here, and only settles
-        the stream."""
+        """Cancel (``close()``, or the stream was dropped); a reading nobody has claimed
+        is then settled by a thread of its own, which claims it. Never here: the
+        settling forgets the stream in its model, under the model's lock, and this
+        may run in a signal handler or a finalizer that interrupted a holder of that
+        lock; and a thread that gets no Ctrl-C cannot be left half-way."""
         self.state.cancel()
-        self.read_here()
-
-    def collected(self) -> None:
-        """The stream was dropped: cancel; a reading nobody claimed settles on a thread,
-        as a finalizer runs wherever collection strikes, maybe under a lock the
-        settling takes (a model's, to forget the stream)."""
-        self.state.cancel()
-        self.start_thread()
+        if not self._claim.locked() and os.getpid() == self._owner_pid:
+            threading.Thread(target=self.read_here, name="llamarocm-settle", daemon=True).start()
 
 
 class TokenStream:
@@ -382,7 +379,7 @@ class TokenStream:
         self._on_consumed: Optional[Callable[["TokenStream"], None]] = None
         self._reader = _Reader(state, on_lost, on_end)
         # Cancel on collection; the callback holds the reader, never the stream.
-        self._finalizer = weakref.finalize(self, self._reader.collected)
+        self._finalizer = weakref.finalize(self, self._reader.abandon)
         self._by_consumer = getattr(_opening, "by_consumer", False)
         if not self._by_consumer:
             self._reader.start_thread()

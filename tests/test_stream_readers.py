@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
 import threading
 import time
 
@@ -60,6 +62,7 @@ def test_a_stream_its_consumer_never_read_is_settled_by_close_without_a_request(
     assert stream.finish_reason == "cancelled" and stream.closed
     assert list(stream) == []
     assert canned.requests == []
+    stream._reader.thread.join(5)  # what settled it forgets it last
     assert not canned_model._streams  # unregistered: a model's close has nothing to wait for
 
 
@@ -67,11 +70,54 @@ def test_a_dropped_stream_its_consumer_never_read_is_settled(canned_model, canne
     canned.stream("/completion", _sse(DONE))
     with consumer_reads():
         stream = canned_model.generate("x")
-    state = stream._state
+    state, reader = stream._state, stream._reader
     del stream
     gc.collect()
     assert state.done.wait(5) and state.finish_reason == "cancelled"
+    reader.thread.join(5)
     assert canned.requests == [] and not canned_model._streams
+
+
+def test_closing_an_unread_stream_from_a_signal_handler_under_the_model_lock(canned_model, canned):
+    # Settling forgets the stream in the model, under the model's lock: a close() in a
+    # signal handler that interrupted a holder of that lock must not settle in place.
+    canned.stream("/completion", _sse(DONE))
+    with consumer_reads():
+        stream = canned_model.generate("x")
+    lock = canned_model._lock
+    rescued = []
+
+    def rescue():  # only if close() blocked on the lock its own thread holds
+        rescued.append(True)
+        lock.release()
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: stream.close())
+    timer = threading.Timer(10, rescue)
+    lock.acquire()
+    try:
+        timer.start()
+        os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs here, inside the lock
+        for _ in range(1000):
+            pass
+    finally:
+        timer.cancel()
+        if not rescued:
+            lock.release()
+        signal.signal(signal.SIGUSR1, previous)
+    assert not rescued, "close() from a signal handler blocked on a lock the interrupted thread held"
+    assert stream.finish_reason == "cancelled" and canned.requests == []
+
+
+def test_closing_the_model_settles_a_registered_stream_once_its_consumer_reads(canned_model, canned):
+    canned.stream("/completion", _sse(DONE))
+    with consumer_reads():
+        stream = canned_model.generate("x")
+    closing = threading.Thread(target=canned_model.close)
+    closing.start()
+    assert list(stream) == []  # the consumer's read finds it cancelled, and sends nothing
+    closing.join(5)
+    assert not closing.is_alive()
+    assert stream.finish_reason == "cancelled" and canned.requests == []
 
 
 def test_consumer_reads_is_for_the_thread_and_the_block_that_ask(canned_model, canned, started):
@@ -102,3 +148,30 @@ def test_closing_a_model_cancels_a_stream_its_consumer_is_reading(canned_model, 
     assert not batch.is_alive()
     assert [r.finish_reason for r in results] == ["cancelled", "cancelled"]
     assert [r.text for r in results] == ["a", "a"]
+
+
+def _when(condition, seconds=10.0):
+    """Wait for ``condition()`` (a state the server or the model reports), bounded."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_ctrl_c_during_map_cancels_the_streams_its_workers_read(canned_model, canned):
+    # A real SIGINT to the main thread: it wakes the wait for a result, as Ctrl-C does
+    # (_thread.interrupt_main only sets a flag that a blocked wait never looks at).
+    main = threading.main_thread().ident
+    canned.hang_after("/completion", _sse({"content": "a", "tokens": [1], "stop": False}))
+    interrupter = threading.Thread(
+        target=lambda: _when(lambda: len(canned.requests) == 2) and signal.pthread_kill(main, signal.SIGINT)
+    )
+    interrupter.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        canned_model.map(["x", "y", "z", "w"], max_workers=2)
+    interrupter.join(10)
+    assert time.monotonic() - started < 10  # the hanging streams were cut, not waited out
+    assert len(canned.requests) == 2  # the prompts not started were never sent
+    assert _when(lambda: not canned_model._streams)
+    assert not [t for t in threading.enumerate() if t.name.startswith("llamarocm-map")]
