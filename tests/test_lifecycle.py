@@ -23,6 +23,7 @@ from llamarocm import _process
 from llamarocm.client import Client
 from llamarocm.model import Model
 from llamarocm.server import Server
+from llamarocm.stream import consumer_reads
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_gpus")]
 
@@ -272,10 +273,17 @@ def test_close_in_a_child_forked_while_the_lock_was_held_does_not_deadlock(canne
     assert code == 0, f"close() in the child did not return (exit {code})"
 
 
-def test_stream_close_from_a_signal_handler_while_the_model_lock_is_held(canned_model, canned):
+@pytest.mark.parametrize("read", ["by its reader thread", "not yet, by a batch's worker"])
+def test_stream_close_from_a_signal_handler_while_the_model_lock_is_held(canned_model, canned, read):
+    # An unread batch stream is settled (and forgotten by the model, under its lock) by
+    # whoever closes it first, unless that is done on a thread of its own.
     canned.hang_after("/completion", _sse({"content": "a", "tokens": [1], "stop": False}))
-    stream = canned_model.generate("x")
-    next(stream)
+    if read == "by its reader thread":
+        stream = canned_model.generate("x")
+        next(stream)
+    else:
+        with consumer_reads():
+            stream = canned_model.generate("x")
     lock = canned_model._lock
     rescued = []
 
@@ -298,6 +306,8 @@ def test_stream_close_from_a_signal_handler_while_the_model_lock_is_held(canned_
         signal.signal(signal.SIGUSR1, previous)
     assert not rescued, "close() from a signal handler blocked on a lock the interrupted thread held"
     assert stream.finish_reason == "cancelled" or stream._state.cancel_requested
+    if read != "by its reader thread":
+        assert stream.finish_reason == "cancelled" and canned.requests == []
 
 
 # -- the child process -----------------------------------------------------------------
