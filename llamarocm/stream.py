@@ -430,7 +430,8 @@ class TokenStream:
         """Cancel the request (the server frees the slot) and wait for the reader.
 
         Idempotent; callable from any thread, and from a signal handler: it takes no
-        lock that the interrupted code could hold. Tokens already received are dropped.
+        lock that the interrupted code could hold (a batch's stream closed before it was
+        read is settled by a thread it starts). Tokens already received are dropped.
         """
         if os.getpid() != self._owner_pid:
             return  # a forked child has no reader thread, and must not cut the parent's stream
