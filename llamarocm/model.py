@@ -193,6 +193,7 @@ class Model:
         chat_template_kwargs: Optional[Mapping[str, Any]] = None,
         tools: Optional[Sequence[Any]] = None,
         tool_choice: Any = None,
+        parallel_tool_calls: bool = False,
     ) -> TokenStream:
         """Reply to ``messages`` with the model's chat template, streaming the tokens.
         The keyword arguments are those of :meth:`generate`, and:
@@ -211,8 +212,9 @@ class Model:
         :attr:`TokenStream.tool_calls <llamarocm.TokenStream.tool_calls>` then holds
         the calls and ``finish_reason`` is ``"tool_calls"``. ``tool_choice``:
         ``"auto"`` (the default), ``"required"``, ``"none"``, or ``{"name": ...}``
-        (OpenAI's ``{"type": "function", "function": {"name": ...}}`` too). See
-        :doc:`/quickstart` and :meth:`act`.
+        (OpenAI's ``{"type": "function", "function": {"name": ...}}`` too).
+        ``parallel_tool_calls=True`` lets one reply make several calls; by default it
+        makes one at most, as llama-server does. See :doc:`/quickstart` and :meth:`act`.
 
         The server renders the messages (``/apply-template``) and the reply streams from
         its native completion endpoint, the same path as :meth:`generate`: so chat
@@ -225,7 +227,7 @@ class Model:
         output = structured_output(response_format, json_schema, grammar)
         json_schema = output.json_schema or json_schema
         cfg = GenerateConfig.from_arguments(locals())
-        request = ToolRequest.build(tools, tool_choice)
+        request = ToolRequest.build(tools, tool_choice, parallel_tool_calls)
         check_tool_settings(request, cfg)
         self._lora.request_field(cfg.lora)  # an unknown adapter is refused before any call
         if self._no_chat_template_reason:

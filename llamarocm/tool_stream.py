@@ -209,5 +209,5 @@ class ConstrainedToolCall:
         if obj.get("stop_type") == "limit":
             state.finish_reason = "length"  # the call was cut short by max_tokens: none made
             return
-        state.tool_calls = (self.request.parse_call("".join(self._text)),)
+        state.tool_calls = self.request.parse_calls("".join(self._text))
         state.finish_reason = "tool_calls"

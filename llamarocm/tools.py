@@ -169,21 +169,28 @@ def check_tool_choice(choice: Any, tools: Sequence[Tool]) -> Tuple[str, Optional
 
 @dataclass(frozen=True)
 class ToolRequest:
-    """What one ``chat(tools=..., tool_choice=...)`` asks for, checked."""
+    """What one ``chat(tools=..., tool_choice=..., parallel_tool_calls=...)`` asks
+    for, checked."""
 
     tools: Tuple[Tool, ...]
     mode: str = "auto"
     named: Optional[str] = None
+    #: Whether a reply may make several calls (else one at most, llama-server's default).
+    parallel: bool = False
 
     @classmethod
-    def build(cls, tools: Any, tool_choice: Any) -> "ToolRequest":
+    def build(cls, tools: Any, tool_choice: Any, parallel: Any = False) -> "ToolRequest":
+        if not isinstance(parallel, bool):
+            raise TypeError(f"parallel_tool_calls must be a bool, not {type(parallel).__name__}")
         if tools is None:
             if tool_choice not in (None, "none"):
                 raise ValueError("tool_choice needs tools")
+            if parallel:
+                raise ValueError("parallel_tool_calls needs tools")
             return cls((), "none")
         checked = check_tools(tools)
         mode, named = check_tool_choice(tool_choice, checked)
-        return cls(checked, mode, named)
+        return cls(checked, mode, named, parallel)
 
     @property
     def offered(self) -> Tuple[Tool, ...]:
@@ -203,13 +210,21 @@ class ToolRequest:
 
     def server_fields(self) -> Dict[str, Any]:
         """``tools`` / ``tool_choice`` for llama-server's OpenAI-style endpoint. A named
-        choice is sent as "required" with that tool alone: the server reads only strings."""
-        return {"tools": [t.to_openai() for t in self.offered], "tool_choice": "required" if self.forced else "auto"}
+        choice is sent as "required" with that tool alone: the server reads only strings.
+        ``parallel_tool_calls`` only when asked for: the server's default is one call."""
+        fields: Dict[str, Any] = {
+            "tools": [t.to_openai() for t in self.offered],
+            "tool_choice": "required" if self.forced else "auto",
+        }
+        if self.parallel:
+            fields["parallel_tool_calls"] = True
+        return fields
 
     # -- the constrained path (templates that do not) --------------------------------
 
     def call_schema(self) -> Dict[str, Any]:
-        """The JSON schema of one call: the name of an offered tool and its arguments."""
+        """The JSON schema of what follows :data:`CALL_TAG`: one call (the name of an
+        offered tool and its arguments), or with ``parallel`` a list of one or more."""
         options = [
             {
                 "type": "object",
@@ -219,7 +234,8 @@ class ToolRequest:
             }
             for t in self.offered
         ]
-        return options[0] if len(options) == 1 else {"anyOf": options}
+        one = options[0] if len(options) == 1 else {"anyOf": options}
+        return {"type": "array", "items": one, "minItems": 1} if self.parallel else one
 
     def instructions(self) -> str:
         """The system text that tells the model its tools and how to call one."""
@@ -227,11 +243,17 @@ class ToolRequest:
             json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters}, ensure_ascii=False)
             for t in self.offered
         )
-        how = f'{CALL_TAG}{{"name": "<tool name>", "arguments": {{<arguments as JSON>}}}}'
-        if self.forced:
-            ask = f"Answer by calling one of the tools below: write {how}"
+        call = '{"name": "<tool name>", "arguments": {<arguments as JSON>}}'
+        if self.parallel:
+            how = f"{CALL_TAG}[{call}, ...]"
+            if self.forced:
+                ask = f"Answer by calling one or more of the tools below: write {how}"
+            else:
+                ask = f"You can call tools. To call one or more, write {how}; otherwise answer normally."
+        elif self.forced:
+            ask = f"Answer by calling one of the tools below: write {CALL_TAG}{call}"
         else:
-            ask = f"You can call tools. To call one, write {how}; otherwise answer normally."
+            ask = f"You can call tools. To call one, write {CALL_TAG}{call}; otherwise answer normally."
         return f"{ask}\nThe tools:\n{listing}"
 
     def plain_messages(self, messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
@@ -248,12 +270,20 @@ class ToolRequest:
             plain.insert(0, {"role": "system", "content": text})
         return plain
 
-    def parse_call(self, text: str) -> ToolCall:
-        """The call written as ``text`` (the JSON after :data:`CALL_TAG`)."""
+    def parse_calls(self, text: str) -> Tuple[ToolCall, ...]:
+        """The calls written as ``text`` (the JSON after :data:`CALL_TAG`): one object,
+        or with ``parallel`` a list of one or more."""
         try:
             obj = json.loads(text)
         except ValueError as exc:
             raise OutputParseError(f"the tool call is not valid JSON: {exc}; output: {text[:500]!r}") from exc
+        if not self.parallel:
+            return (self._call_of(obj, text),)
+        if not isinstance(obj, list) or not obj:
+            raise OutputParseError(f"the tool calls are not a list of one or more calls: {text[:500]!r}")
+        return tuple(self._call_of(item, text) for item in obj)
+
+    def _call_of(self, obj: Any, text: str) -> ToolCall:
         if not isinstance(obj, dict) or not isinstance(obj.get("arguments"), dict):
             raise OutputParseError(f"the tool call has no arguments object: {text[:500]!r}")
         name = obj.get("name")

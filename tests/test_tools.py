@@ -267,11 +267,12 @@ def test_plain_messages_write_calls_and_results_as_the_model_writes_them():
 
 def test_parse_call_refuses_what_is_not_a_call_of_an_offered_tool():
     request = ToolRequest.build([get_weather], None)
-    assert request.parse_call('{"name": "get_weather", "arguments": {"city": "Rome"}}').arguments == {"city": "Rome"}
+    (call,) = request.parse_calls('{"name": "get_weather", "arguments": {"city": "Rome"}}')
+    assert call.arguments == {"city": "Rome"}
     bad = ('{"name": "get_weather"', '{"name": "add", "arguments": {}}', '{"name": "get_weather", "arguments": 1}')
     for text in bad:
         with pytest.raises(llamarocm.OutputParseError):
-            request.parse_call(text)
+            request.parse_calls(text)
 
 
 def test_tool_call_to_openai_round_trips_the_arguments():
