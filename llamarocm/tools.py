@@ -211,14 +211,13 @@ class ToolRequest:
     def server_fields(self) -> Dict[str, Any]:
         """``tools`` / ``tool_choice`` for llama-server's OpenAI-style endpoint. A named
         choice is sent as "required" with that tool alone: the server reads only strings.
-        ``parallel_tool_calls`` only when asked for: the server's default is one call."""
-        fields: Dict[str, Any] = {
+        ``parallel_tool_calls`` is sent either way: a recent server's own default follows
+        what the template can do, and a reply makes one call unless asked."""
+        return {
             "tools": [t.to_openai() for t in self.offered],
             "tool_choice": "required" if self.forced else "auto",
+            "parallel_tool_calls": self.parallel,
         }
-        if self.parallel:
-            fields["parallel_tool_calls"] = True
-        return fields
 
     # -- the constrained path (templates that do not) --------------------------------
 
@@ -260,7 +259,7 @@ class ToolRequest:
         """``messages`` for a template that knows only roles and text: earlier calls
         written as the model writes them, tool results as user turns, and the tools
         described in the (first) system message."""
-        plain = [_plain_message(m) for m in messages]
+        plain = [_plain_message(m, self.parallel) for m in messages]
         if not self.offered:
             return plain
         text = self.instructions()
@@ -292,13 +291,19 @@ class ToolRequest:
         return ToolCall(new_call_id(), str(name), obj["arguments"])
 
 
-def _plain_message(message: Mapping[str, Any]) -> Dict[str, Any]:
+def _plain_message(message: Mapping[str, Any], parallel: bool) -> Dict[str, Any]:
+    """``message`` as a template that knows only roles and text takes it; earlier calls
+    in the format the request asks the model for (one tag and a list, with ``parallel``)."""
     role = message.get("role")
     if role == "tool":
         return {"role": "user", "content": f"<tool_response>{_text(message.get('content'))}</tool_response>"}
     calls = message.get("tool_calls")
     if role == "assistant" and calls:
-        written = "".join(CALL_TAG + json.dumps(_call_object(call), ensure_ascii=False) for call in calls)
+        objects = [_call_object(call) for call in calls]
+        if parallel:
+            written = CALL_TAG + json.dumps(objects, ensure_ascii=False)
+        else:
+            written = "".join(CALL_TAG + json.dumps(obj, ensure_ascii=False) for obj in objects)
         before = _text(message.get("content")) if message.get("content") else ""
         return {"role": "assistant", "content": (before + "\n" if before else "") + written}
     return dict(message)

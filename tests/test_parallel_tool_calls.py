@@ -11,7 +11,7 @@ from typing import Any, Dict
 import pytest
 
 import llamarocm
-from llamarocm.tools import ToolRequest
+from llamarocm.tools import CALL_TAG, ToolCall, ToolRequest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,11 +59,22 @@ def test_parallel_calls_parse_as_a_list_and_anything_else_is_refused():
     assert call.arguments == {"a": 1, "b": 2}
 
 
-def test_the_instructions_ask_for_a_list_only_when_parallel():
-    single = ToolRequest.build([add], "required").instructions()
-    several = ToolRequest.build([add], "required", parallel=True).instructions()
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_the_instructions_ask_for_a_list_only_when_parallel(choice):
+    single = ToolRequest.build([add], choice).instructions()
+    several = ToolRequest.build([add], choice, parallel=True).instructions()
     assert "[" not in single.split("\n")[0]
-    assert '[{"name"' in several.split("\n")[0] and "one or more" in several
+    assert CALL_TAG + '[{"name"' in several.split("\n")[0] and "one or more" in several
+
+
+def test_earlier_calls_are_written_as_a_parallel_request_asks_for_them():
+    calls = [ToolCall("c1", "get_weather", {"city": "Paris"}), ToolCall("c2", "add", {"a": 1, "b": 2})]
+    turn = {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in calls]}
+    objects = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "add", "arguments": {"a": 1, "b": 2}}]
+    several = ToolRequest.build([get_weather, add], None, parallel=True).plain_messages([turn])
+    assert several[1]["content"] == CALL_TAG + json.dumps(objects)
+    single = ToolRequest.build([get_weather, add], None).plain_messages([turn])
+    assert single[1]["content"] == "".join(CALL_TAG + json.dumps(o) for o in objects)
 
 
 @pytest.mark.parametrize(
@@ -105,8 +116,8 @@ def test_the_server_path_asks_the_server_for_parallel_calls_only_when_asked(cann
     assert stream.text() == "" and stream.finish_reason == "tool_calls"
     assert [c.arguments["city"] for c in stream.tool_calls] == ["Paris", "Rome"]
     sent = [body for path, body in canned.requests if path == "/v1/chat/completions"][0]
-    # Asked for only when wanted: llama-server's own default is one call.
-    assert sent.get("parallel_tool_calls") is (True if parallel else None)
+    # Sent either way: a recent llama-server's own default follows the template's caps.
+    assert sent["parallel_tool_calls"] is parallel
 
 
 def test_a_session_records_every_call_of_a_reply(canned, canned_model):
@@ -115,6 +126,8 @@ def test_a_session_records_every_call_of_a_reply(canned, canned_model):
     session = canned_model.session()
     session.send("Weather?", tools=[get_weather], parallel_tool_calls=True).text()
     assert [c["id"] for c in session.messages[-1]["tool_calls"]] == ["A", "B"]
+    sent = [body for path, body in canned.requests if path == "/v1/chat/completions"][0]
+    assert sent["parallel_tool_calls"] is True
 
 
 def test_the_constrained_path_makes_several_calls_in_one_reply(canned, canned_model):
@@ -129,6 +142,30 @@ def test_the_constrained_path_makes_several_calls_in_one_reply(canned, canned_mo
     assert sent["json_schema"]["type"] == "array" and sent["json_schema"]["minItems"] == 1
     rendered = [body for path, body in canned.requests if path == "/apply-template"][0]
     assert "one or more" in rendered["messages"][0]["content"]
+
+
+def test_auto_on_the_constrained_path_continues_with_a_list_of_calls(canned, canned_model):
+    canned.json("/props", {"chat_template_caps": {}})
+    canned.json("/apply-template", {"prompt": "PROMPT"})
+    first = {"content": "Let me see.", "tokens": [1], "stop": True, "stop_type": "word", "stopping_word": CALL_TAG}
+    second = {"content": TWO_CALLS, "tokens": [2, 3], "stop": True, "stop_type": "eos"}
+    answers = iter([first, second])
+
+    class Answering(list):
+        """The request log, which also gives each /completion request the next answer."""
+
+        def append(self, item):
+            super().append(item)
+            if item[0] == "/completion":
+                canned.stream("/completion", b"data: " + json.dumps(next(answers)).encode() + b"\n\n")
+
+    canned.requests = Answering(canned.requests)
+    stream = canned_model.chat(ASK, tools=[get_weather, add], parallel_tool_calls=True, max_tokens=50)
+    assert stream.text() == "Let me see." and stream.finish_reason == "tool_calls"
+    assert [c.name for c in stream.tool_calls] == ["get_weather", "add"]
+    bodies = [body for path, body in canned.requests if path == "/completion"]
+    assert "json_schema" not in bodies[0]
+    assert bodies[1]["prompt"] == "PROMPT" + "Let me see." + CALL_TAG and bodies[1]["json_schema"]["type"] == "array"
 
 
 @pytest.mark.integration
