@@ -194,3 +194,48 @@ def test_act_answers_every_call_of_a_reply(shared_model):
     ids = [call["id"] for call in result.messages[first]["tool_calls"]]
     answers = result.messages[first + 1 : first + 1 + len(ids)]
     assert [(a["role"], a["tool_call_id"]) for a in answers] == [("tool", i) for i in ids]
+
+
+# -- the command line: chat --tools --parallel-tool-calls -----------------------------
+
+
+def test_parallel_tool_calls_without_tools_is_a_usage_error_before_anything_loads(monkeypatch, capsys):
+    from llamarocm.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a usage error must be reported before anything starts")
+
+    monkeypatch.setattr("llamarocm.load_model", refuse)
+    monkeypatch.setattr("llamarocm.cli.options.default_model_path", refuse)
+    with pytest.raises(SystemExit) as info:
+        main(["chat", "--parallel-tool-calls"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "--parallel-tool-calls needs --tools" in err
+
+
+def test_chat_with_parallel_tool_calls_asks_for_them_every_round(canned, canned_model, monkeypatch, capsys, tmp_path):
+    from llamarocm.cli import main
+
+    (tmp_path / "parallel_tools_for_test.py").write_text(
+        "def get_weather(city: str) -> str:\n    '''The weather in a city.'''\n    return 'sunny in ' + city\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    canned.json("/props", TOOL_CAPS)
+    canned.stream("/v1/chat/completions", _two_weather_calls())
+    monkeypatch.setattr("llamarocm.cli.chat.load", lambda args: canned_model)
+    lines = iter(["Weather in Paris and Rome?"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": _line(lines))
+    assert main(["chat", "--tools", "parallel_tools_for_test:get_weather", "--parallel-tool-calls"]) == 0
+    out = capsys.readouterr().out
+    assert "[get_weather -> sunny in Paris]" in out and "[get_weather -> sunny in Rome]" in out
+    bodies = [body for path, body in canned.requests if path == "/v1/chat/completions"]
+    assert bodies and all(body["parallel_tool_calls"] is True for body in bodies)
+
+
+def _line(lines):
+    """The next line typed, then the end of input."""
+    try:
+        return next(lines)
+    except StopIteration:
+        raise EOFError from None

@@ -9,11 +9,21 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 import llamarocm
 
 from .console import print_stderr
-from .options import generation_options, load
+from .options import check_generation_options, generation_options, load
+
+
+def check_chat_options(args: argparse.Namespace) -> None:
+    """The generation options, and those that only make sense with ``--tools``."""
+    check_generation_options(args)
+    if args.parallel_tool_calls and not args.tools:
+        raise ValueError("--parallel-tool-calls needs --tools")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
+    options = generation_options(args)
+    if args.parallel_tool_calls:
+        options["parallel_tool_calls"] = True
     with load(args) as model:
         if interactive:
             print_stderr("Type a message; /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
@@ -23,7 +33,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout,
             system=args.system,
             tools=[function for functions in args.tools or () for function in functions],
-            **generation_options(args),
+            **options,
         )
     return 0
 

@@ -10,7 +10,7 @@ import llamarocm
 
 from .arguments import device_list, gpu_layers, json_schema_file, lora_spec, tool_functions
 from .batch import check_batch_options, cmd_batch
-from .chat import cmd_chat
+from .chat import check_chat_options, cmd_chat
 from .console import configure_logging, print_stderr
 from .files import cmd_info, cmd_models, cmd_vram
 from .generate import cmd_generate
@@ -104,7 +104,9 @@ def _add_chat(sub: _Subparsers) -> None:
     chat.add_argument("--tools", action="append", type=tool_functions, metavar="MODULE:FUNCTION,...",
                       help="Python functions the model may call (each reply runs the tool loop); "
                       "repeat, or list with commas")
-    chat.set_defaults(func=cmd_chat)
+    chat.add_argument("--parallel-tool-calls", action="store_true",
+                      help="let one reply call several tools at once (with --tools)")
+    chat.set_defaults(func=cmd_chat, check_options=check_chat_options)
 
 
 def _add_batch(sub: _Subparsers) -> None:
