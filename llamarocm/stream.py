@@ -380,8 +380,8 @@ class TokenStream:
         self._reader = _Reader(state, on_lost, on_end)
         # Cancel on collection; the callback holds the reader, never the stream.
         self._finalizer = weakref.finalize(self, self._reader.abandon)
-        self._by_consumer = getattr(_opening, "by_consumer", False)
-        if not self._by_consumer:
+        self._consumer_must_read = getattr(_opening, "by_consumer", False)
+        if not self._consumer_must_read:
             self._reader.start_thread()
 
     def __iter__(self) -> "TokenStream":
@@ -397,8 +397,10 @@ class TokenStream:
             return token
         if self._finished:
             raise StopIteration
-        if self._by_consumer:
-            self._reader.read_here()  # the whole reply onto the queue, the first time
+        if self._consumer_must_read:
+            # The whole reply onto the queue, once: later batches are already there.
+            self._consumer_must_read = False
+            self._reader.read_here()
         try:
             # Blocks without a timeout: the reader always ends with _END, and a real
             # SIGINT still interrupts the wait.

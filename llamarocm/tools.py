@@ -243,16 +243,11 @@ class ToolRequest:
             for t in self.offered
         )
         call = '{"name": "<tool name>", "arguments": {<arguments as JSON>}}'
-        if self.parallel:
-            how = f"{CALL_TAG}[{call}, ...]"
-            if self.forced:
-                ask = f"Answer by calling one or more of the tools below: write {how}"
-            else:
-                ask = f"You can call tools. To call one or more, write {how}; otherwise answer normally."
-        elif self.forced:
-            ask = f"Answer by calling one of the tools below: write {CALL_TAG}{call}"
+        how, some = (f"{CALL_TAG}[{call}, ...]", "one or more") if self.parallel else (CALL_TAG + call, "one")
+        if self.forced:
+            ask = f"Answer by calling {some} of the tools below: write {how}"
         else:
-            ask = f"You can call tools. To call one, write {CALL_TAG}{call}; otherwise answer normally."
+            ask = f"You can call tools. To call {some}, write {how}; otherwise answer normally."
         return f"{ask}\nThe tools:\n{listing}"
 
     def plain_messages(self, messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:

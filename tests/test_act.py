@@ -272,14 +272,21 @@ def test_a_failing_tool_is_reported_to_the_model(shared_model):
     assert result.rounds == 2
 
 
-@pytest.mark.integration
-def test_max_rounds_one_returns_the_pending_call_unrun(shared_model):
+def _recording_weather():
+    """A ``get_weather`` tool, and the list of the cities it was run for."""
     ran = []
 
     def get_weather(city: str) -> str:
         """The weather in a city."""
         ran.append(city)
         return "sunny"
+
+    return ran, get_weather
+
+
+@pytest.mark.integration
+def test_max_rounds_one_returns_the_pending_call_unrun(shared_model):
+    ran, get_weather = _recording_weather()
 
     result = shared_model.act(
         [{"role": "user", "content": "What is the weather in Paris?"}], [get_weather], tool_choice="required",
@@ -292,12 +299,7 @@ def test_max_rounds_one_returns_the_pending_call_unrun(shared_model):
 
 @pytest.mark.integration
 def test_a_forced_call_cut_short_by_max_tokens_is_reported(shared_model):
-    ran = []
-
-    def get_weather(city: str) -> str:
-        """The weather in a city."""
-        ran.append(city)
-        return "sunny"
+    ran, get_weather = _recording_weather()
 
     result = shared_model.act(
         [{"role": "user", "content": "What is the weather in Paris?"}], [get_weather], tool_choice="required",

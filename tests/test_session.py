@@ -139,26 +139,37 @@ def test_bad_arguments_are_refused_before_any_request(shared_model):
     chat.send("Hi", max_tokens=2).text()  # nothing was left open
 
 
+def _each_in_a_thread(work, sessions):
+    """Run ``work(n, session)`` for every session, each on a thread of its own, and
+    return what they raised (reported by the test, not lost in the threads)."""
+    failures = []
+
+    def run(n, chat):
+        try:
+            work(n, chat)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n, chat)) for n, chat in enumerate(sessions)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    return failures
+
+
 def test_many_sessions_share_a_model_from_many_threads(shared_model):
     """Eight conversations in eight threads, two turns each: each history holds its
     own messages only, in order."""
     sessions = [shared_model.session(f"You are assistant {n}.") for n in range(8)]
     barrier = threading.Barrier(len(sessions))
-    failures = []
 
     def converse(n, chat):
-        try:
-            barrier.wait(30)
-            for turn in range(2):
-                chat.send(f"Session {n}, turn {turn}: say a word.", max_tokens=4, **GREEDY).text()
-        except BaseException as exc:  # reported below, not lost in the thread
-            failures.append(exc)
+        barrier.wait(30)
+        for turn in range(2):
+            chat.send(f"Session {n}, turn {turn}: say a word.", max_tokens=4, **GREEDY).text()
 
-    threads = [threading.Thread(target=converse, args=(n, chat)) for n, chat in enumerate(sessions)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
+    failures = _each_in_a_thread(converse, sessions)
     assert not failures, failures
     for n, chat in enumerate(sessions):
         users = [m["content"] for m in chat.messages if m["role"] == "user"]
@@ -295,21 +306,13 @@ def test_sessions_saved_from_many_threads_each_load_back_their_own(session_model
     moment: each file holds its own conversation, and each loads back and goes on."""
     sessions = [session_model.session(f"You keep list {n}.") for n in range(4)]
     barrier = threading.Barrier(len(sessions))
-    failures = []
 
     def converse_and_save(n, chat):
-        try:
-            chat.send(f"List {n}: " + LONG_TEXT[: 200 + 40 * n], max_tokens=4, **GREEDY).text()
-            barrier.wait(60)
-            chat.save(tmp_path / f"{n}.state")
-        except BaseException as exc:  # reported below, not lost in the thread
-            failures.append(exc)
+        chat.send(f"List {n}: " + LONG_TEXT[: 200 + 40 * n], max_tokens=4, **GREEDY).text()
+        barrier.wait(60)
+        chat.save(tmp_path / f"{n}.state")
 
-    threads = [threading.Thread(target=converse_and_save, args=(n, chat)) for n, chat in enumerate(sessions)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
+    failures = _each_in_a_thread(converse_and_save, sessions)
     assert not failures, failures
     session_model.restart()
     for n, chat in enumerate(sessions):
