@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from .checkpoint import Checkpoint, ItemId, Record, item_hash, settings_identity
 from .config import GenerateConfig
@@ -30,6 +31,8 @@ Opener = Callable[..., TokenStream]
 Progress = Callable[[int, int], None]
 
 _NOT_RUN = "not run: the batch was stopped"
+# A finished item of a batch: its index, and its result or what its run raised.
+_Outcome = Tuple[int, Union["BatchResult", BaseException]]
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,17 @@ class _Batch:
                     self._fail(exc)
         return result
 
+    def run_into(
+        self, finished: "queue.SimpleQueue[_Outcome]", index: int, item: BatchItem, digest: str
+    ) -> None:
+        """:meth:`run_one`, its result put on ``finished``; an exception too, for the
+        calling thread to raise (as ``Future.result()`` would)."""
+        try:
+            outcome: Union[BatchResult, BaseException] = self.run_one(index, item, digest)
+        except BaseException as exc:
+            outcome = exc
+        finished.put((index, outcome))
+
     def cancel(self) -> None:
         """Stop: cancel what runs; what has not started will be skipped."""
         with self.lock:
@@ -308,29 +322,37 @@ def _feed(
 ) -> None:
     """Hand the ``pending`` items to the pool, at most ``window`` queued or running at
     once (100,000 prompts are not 100,000 futures at the start), and ``report`` each
-    result as it comes; once the batch stops, the items left are skipped unrun."""
-    queue = iter(pending)
-    running: "Dict[Future[BatchResult], int]" = {}
+    result as it comes; once the batch stops, the items left are skipped unrun.
+
+    Each worker puts its outcome on a queue that this thread waits on, rather than
+    this thread waiting on the futures: ``concurrent.futures.wait()`` takes the
+    futures' locks in Python code, and a Ctrl-C landing between two of them would
+    leave one held for good, and the worker that finishes that future stuck on it."""
+    queue_ = iter(pending)
+    finished: "queue.SimpleQueue[_Outcome]" = queue.SimpleQueue()
+    running: "Dict[int, Future[None]]" = {}
     try:
         while True:
             while len(running) < window:
-                index = next(queue, None)
+                index = next(queue_, None)
                 if index is None:
                     break
                 if batch.stop.is_set():
                     report(index, BatchResult(items[index].prompt, None, SkippedError(_NOT_RUN), None, None))
                 else:
-                    running[pool.submit(batch.run_one, index, items[index], digests[index])] = index
+                    running[index] = pool.submit(batch.run_into, finished, index, items[index], digests[index])
             if not running:
                 return
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                report(running.pop(future), future.result())
+            index, result = finished.get()
+            del running[index]
+            if isinstance(result, BaseException):
+                raise result
+            report(index, result)
             if batch.stop.is_set():
                 batch.cancel()
     except BaseException:
         # Ctrl-C or a failing callback: cancel what runs, skip the rest.
-        for future in running:
+        for future in running.values():
             future.cancel()
         batch.cancel()
         raise

@@ -144,3 +144,32 @@ def test_ctrl_c_during_map_cancels_the_streams_its_workers_read(canned_model, ca
     assert len(canned.requests) == 2  # the prompts not started were never sent
     assert _when(lambda: not canned_model._streams)
     assert not [t for t in threading.enumerate() if t.name.startswith("llamarocm-map")]
+
+
+def test_ctrl_c_landing_inside_concurrent_futures_wait_does_not_hang_map(canned_model, canned, monkeypatch):
+    # A real SIGINT can land between two of the lock acquisitions that
+    # concurrent.futures.wait() makes in Python code; the lock it took is then never
+    # released, and a worker finishing that future blocks on it forever (and the pool's
+    # exit with it). Simulated here: the first acquisition made, then the interrupt.
+    from concurrent.futures import _base
+
+    def interrupted_enter(self):
+        self.futures[0]._condition.acquire()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_base._AcquireFutures, "__enter__", interrupted_enter)
+    canned.stream("/completion", _sse({"content": "a", "tokens": [1], "stop": False}, DONE))
+    done = []
+    batch = threading.Thread(target=lambda: _map_or_interrupt(canned_model, done), daemon=True)
+    batch.start()
+    batch.join(10)
+    assert not batch.is_alive(), "map() hung after the interrupt"
+    assert done and done[0] in ("results", "interrupted")
+
+
+def _map_or_interrupt(model, done):
+    try:
+        model.map([f"p{i}" for i in range(8)], max_workers=2)
+        done.append("results")
+    except KeyboardInterrupt:
+        done.append("interrupted")
